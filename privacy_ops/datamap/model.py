@@ -1,0 +1,172 @@
+"""The data map's schema: where personal data lives in CellCMS and what each right does with it.
+
+`datamap/cellcms.yaml` is validated against these models; `loader.py` adds file/line positions and checks the map
+against the live database. Everything the flows know about CellCMS comes from here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Category(StrEnum):
+    """The policy's categories of personal data (section 1)."""
+
+    account = "account"
+    billing = "billing"
+    content = "content"
+    communications = "communications"
+    usage = "usage"
+    device = "device"
+    logs = "logs"
+    cookies = "cookies"
+
+
+class Kind(StrEnum):
+    """What a column holds; decides how checks look for leftovers and how free text is redacted."""
+
+    email = "email"
+    name = "name"
+    phone = "phone"
+    address = "address"
+    ip = "ip"
+    free_text = "free_text"
+    birth_date = "birth_date"
+    secret = "secret"  # password hashes and the like: never exported
+    device_id = "device_id"
+    external_id = "external_id"  # Stripe ids, S3 keys
+    account_ref = "account_ref"
+    other = "other"
+
+
+class FieldAction(StrEnum):
+    """What erasure does to one column of a row that is kept (anonymised or retained)."""
+
+    keep = "keep"
+    set_null = "set_null"
+    keyed_pseudonym = "keyed_pseudonym"  # deterministic keyed hash of the subject: rows stay linkable, not identifying
+    generic_replacement = "generic_replacement"  # a fixed value, e.g. "Erased user"
+    redact_identifiers = "redact_identifiers"  # free text: the subject's identifiers replaced by [redacted]
+
+
+class RowAction(StrEnum):
+    """What erasure does to a row that reaches the subject."""
+
+    delete_row = "delete_row"
+    anonymise = "anonymise"  # keep the row, apply the field actions
+    retain = "retain"  # keep the row for a legal basis and a period, apply the field actions
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Column(Strict):
+    kind: Kind
+    category: Category | None = None  # defaults to the table's
+    erasure: FieldAction = FieldAction.keep
+    replacement: str | None = None  # for generic_replacement
+    identifier: bool = False  # its values identify the subject: collected, then searched for after erasure
+    exported: bool = True  # False for secrets: the access package shows that the value exists, not the value
+
+    @model_validator(mode="after")
+    def _replacement_given(self) -> Column:
+        if (self.erasure == FieldAction.generic_replacement) != (self.replacement is not None):
+            raise ValueError("replacement is required with, and only with, erasure: generic_replacement")
+        return self
+
+
+class Reach(Strict):
+    """How a row reaches the account: `column` holds an account id, or (with `through`) a key of another table."""
+
+    column: str
+    through: str | None = None  # the table `column` references (by its primary key); that table's reach continues
+    erasure: RowAction
+    role: str = "owner"  # a name for the relation in the access package, e.g. "owner", "author"
+
+
+class Retention(Strict):
+    legal_basis: str
+    period_days: Annotated[int, Field(gt=0, le=36500)]
+    clock_column: str  # the date the period runs from
+
+
+class Table(Strict):
+    category: Category
+    primary_key: list[str] = ["id"]
+    reaches: list[Reach]
+    columns: dict[str, Column] = {}
+    retention: Retention | None = None  # required when a reach retains
+
+    @model_validator(mode="after")
+    def _retention_given(self) -> Table:
+        retains = any(r.erasure == RowAction.retain for r in self.reaches)
+        if retains and self.retention is None:
+            raise ValueError("a reach with erasure: retain needs a retention block (legal_basis, period_days)")
+        return self
+
+
+class Subject(Strict):
+    """The table of accounts: where an identity (email or account id) is resolved."""
+
+    table: str
+    id_column: str
+    email_column: str  # verification codes go to this address on file, never to a typed one
+
+
+class S3Location(Strict):
+    bucket_setting: str  # a Settings field naming the bucket, e.g. content_bucket
+    prefix: str  # templated by {account_id}
+    category: Category
+    erasure: RowAction = RowAction.delete_row  # delete_row: every version and delete marker under the prefix
+
+    @model_validator(mode="after")
+    def _templated(self) -> S3Location:
+        if "{account_id}" not in self.prefix:
+            raise ValueError("prefix must contain {account_id}")
+        return self
+
+
+class StripeCustomer(Strict):
+    """The Stripe customer of an account and what erasure does with it."""
+
+    customer_id_table: str
+    customer_id_column: str
+    category: Category = Category.billing
+    # Detach payment methods, blank the customer's personal fields, delete the customer. Invoices stay in Stripe
+    # (tax law) but hold no more than Stripe's own copy.
+    erasure: RowAction = RowAction.delete_row
+
+
+class Postgres(Strict):
+    schema_: str = Field("public", alias="schema")
+    tables: dict[str, Table]
+
+
+class DataMap(Strict):
+    version: int
+    subject: Subject
+    postgres: Postgres
+    s3: dict[str, S3Location] = {}
+    stripe: StripeCustomer | None = None
+
+    def table(self, name: str) -> Table:
+        return self.postgres.tables[name]
+
+    def identifier_columns(self) -> list[tuple[str, str, Column]]:
+        """(table, column, spec) of every column whose values identify the subject."""
+        return [
+            (t, c, spec) for t, table in self.postgres.tables.items() for c, spec in table.columns.items() if spec.identifier
+        ]
+
+    def text_columns(self) -> list[tuple[str, str, Column]]:
+        """(table, column, spec) of free-text columns: searched for mentions of the subject anywhere."""
+        return [
+            (t, c, spec)
+            for t, table in self.postgres.tables.items()
+            for c, spec in table.columns.items()
+            if spec.kind == Kind.free_text
+        ]

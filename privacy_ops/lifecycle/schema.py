@@ -1,0 +1,112 @@
+"""The request lifecycle's own tables, in schema `privacy_ops` of the CellCMS database.
+
+Shared by every right: a request record, its identity verification, the emails sent for it (each kind once), the
+hash-chained audit log, and the records retained under a legal basis after erasure (with their purge date).
+No column here holds personal data in clear: subjects are keyed hashes, codes are hashes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+from sqlalchemy.engine import Connection
+
+SCHEMA = "privacy_ops"
+metadata = MetaData(schema=SCHEMA)
+TS = TIMESTAMP(timezone=True)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Text, primary_key=True),  # e.g. "req_7f3a9c21b0": short, random, safe to show anywhere
+    Column("flow_run_id", Text, unique=True),  # intake is idempotent per flow run
+    Column("right", Text, nullable=False),  # access | erasure | ...
+    Column("regulation", Text, nullable=False),  # GDPR | CCPA
+    Column("status", Text, nullable=False),  # received | awaiting_verification | verified | completed | denied | failed
+    Column("subject_hash", Text, nullable=False),
+    Column("account_ids", JSONB, nullable=False, server_default="[]"),  # found by locate; [] = no data held
+    Column("received_at", TS, nullable=False),
+    Column("due_at", TS, nullable=False),
+    Column("completed_at", TS),
+    Column("requested_by", Text, nullable=False),  # the operator or channel that started it
+    Column("outcome", JSONB, nullable=False, server_default="{}"),  # counts per store, export key, check verdicts
+)
+
+verifications = Table(
+    "verifications",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("method", Text, nullable=False),  # email_code | operator
+    Column("code_hash", Text),
+    Column("expires_at", TS),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("status", Text, nullable=False),  # pending | verified | denied | expired
+    Column("verified_by", Text),  # operator name, for method=operator
+    Column("reason", Text),  # the operator's mandatory reason
+    Column("updated_at", TS, nullable=False),
+)
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("request_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # acknowledgement | verification_code | completion | denial | no_data
+    Column("status", Text, nullable=False),  # sending | sent
+    Column("message_id", Text, nullable=False),
+    Column("sent_at", TS),
+    UniqueConstraint("request_id", "kind"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),  # contiguous: a gap is a deleted entry
+    Column("recorded_at", TS, nullable=False),
+    Column("request_id", Text),
+    Column("step", Text, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("subject_hash", Text),
+    Column("details", JSONB, nullable=False),
+    Column("idempotency_key", Text, unique=True),  # a rerun records a finished step once
+    Column("prev_hash", Text, nullable=False),
+    Column("entry_hash", Text, nullable=False),
+)
+
+# The latest entry's hash and seq, updated with every append: deleting the newest entries is detected too.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("entry_hash", Text, nullable=False),
+)
+
+retained_records = Table(
+    "retained_records",
+    metadata,
+    Column("request_id", Text, nullable=False),
+    Column("pseudonym", Text, nullable=False),
+    Column("table_name", Text, nullable=False),
+    Column("row_key", Text, nullable=False),
+    Column("legal_basis", Text, nullable=False),
+    Column("purge_after", Date, nullable=False),
+    UniqueConstraint("table_name", "row_key"),
+)
+
+
+def ensure_schema(connection: Connection) -> None:
+    """Create the lifecycle schema and tables if missing (idempotent, safe under concurrent starts)."""
+    connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('privacy_ops.ensure_schema'))"))
+    connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+    metadata.create_all(connection, checkfirst=True)
