@@ -4,7 +4,7 @@
 print MASKED, so a Pii can be passed around, logged or raised in an exception without revealing anything. Code that
 must use the value (a SQL parameter, an SMTP recipient) calls `.reveal()`, which is easy to grep for.
 `keyed_hash` is the one keyed hash of the project: audit-log subject hashes, pseudonyms and per-request tokens.
-The same construction exists in SQL (`keyed_hash_sql`) so that set-based updates produce identical pseudonyms.
+Its SQL twin (`privacy_ops.stores.postgres.pseudonym_sql`) gives set-based updates the identical pseudonyms.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 
 MASK = "MASKED"
+PSEUDONYM_PREFIX = "psn_"
+PSEUDONYM_PURPOSE = "subject"
+PSEUDONYM_LENGTH = 24
 
 
 class Pii:
@@ -50,17 +53,9 @@ def keyed_hash(secret_key: str, value: str, purpose: str) -> str:
     return hashlib.sha256(f"{secret_key}|{purpose}|{value}".encode()).hexdigest()
 
 
-def keyed_hash_sql(value_sql: str) -> str:
-    """The SQL twin of keyed_hash, with :hash_key and :hash_purpose bound parameters (PostgreSQL's sha256)."""
-    return (
-        "encode(sha256(convert_to(CAST(:hash_key AS text) || '|' || CAST(:hash_purpose AS text) || '|' || "
-        f"({value_sql})::text, 'UTF8')), 'hex')"
-    )
-
-
 def pseudonym(secret_key: str, account_id: int) -> str:
     """The stable pseudonym of an account, kept with retained records (e.g. invoices kept for tax law)."""
-    return "psn_" + keyed_hash(secret_key, str(account_id), "subject")[:24]
+    return PSEUDONYM_PREFIX + keyed_hash(secret_key, str(account_id), PSEUDONYM_PURPOSE)[:PSEUDONYM_LENGTH]
 
 
 def subject_hash(secret_key: str, account_id: int | None, email: str | None) -> str:

@@ -61,9 +61,11 @@ notifications = Table(
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("request_id", Text, nullable=False),
-    Column("kind", Text, nullable=False),  # acknowledgement | verification_code | completion | denial | no_data
-    Column("status", Text, nullable=False),  # sending | sent
-    Column("message_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # acknowledgement | verification_code | completion | denial | no_data_held
+    # sending = claimed (a row left 'sending' by a crashed run is retried) | sent = accepted by the SMTP server
+    Column("status", Text, nullable=False),
+    Column("message_id", Text, nullable=False),  # deterministic: a resend after a crash carries the same id
+    Column("claimed_at", TS, nullable=False, server_default=text("now()")),  # a long-'sending' row needs a look
     Column("sent_at", TS),
     UniqueConstraint("request_id", "kind"),
 )
@@ -73,7 +75,7 @@ audit_log = Table(
     metadata,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),  # contiguous: a gap is a deleted entry
     Column("recorded_at", TS, nullable=False),
-    Column("request_id", Text),
+    Column("request_id", Text, index=True),  # entries_for_request
     Column("step", Text, nullable=False),
     Column("outcome", Text, nullable=False),
     Column("subject_hash", Text),
