@@ -58,6 +58,7 @@ def pseudonym(secret_key: str, account_id: int) -> str:
     return PSEUDONYM_PREFIX + keyed_hash(secret_key, str(account_id), PSEUDONYM_PURPOSE)[:PSEUDONYM_LENGTH]
 
 
-def subject_hash(secret_key: str, account_id: int | None, email: str | None) -> str:
-    """How the audit log names a subject: a keyed hash, never the identity in clear."""
-    return keyed_hash(secret_key, f"{account_id}|{(email or '').strip().lower()}", "audit-subject")
+def subject_hash(secret_key: str, identity: str) -> str:
+    """How the audit log names a subject: a keyed hash of the identity given ("email:..." or "account:..."),
+    never the identity in clear."""
+    return keyed_hash(secret_key, identity.strip().lower(), "audit-subject")

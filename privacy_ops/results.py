@@ -16,7 +16,8 @@ from cryptography.fernet import Fernet
 from prefect.serializers import Serializer
 
 
-def _fernet() -> Fernet:
+def fernet() -> Fernet:
+    """The project's symmetric cipher for personal data at rest (task results, subject snapshots)."""
     from privacy_ops.services import current_settings
 
     secret = current_settings().secret_key.get_secret_value()
@@ -24,13 +25,13 @@ def _fernet() -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-class EncryptedPickleSerializer(Serializer[Any]):
+class EncryptedPickleSerializer(Serializer):  # type: ignore[type-arg]
     """cloudpickle, then Fernet (AES-128-CBC + HMAC-SHA256)."""
 
     type: Literal["privacy-ops-encrypted-pickle"] = "privacy-ops-encrypted-pickle"
 
     def dumps(self, obj: Any) -> bytes:
-        return _fernet().encrypt(cloudpickle.dumps(obj))
+        return fernet().encrypt(cloudpickle.dumps(obj))
 
     def loads(self, blob: bytes) -> Any:
-        return cloudpickle.loads(_fernet().decrypt(blob))
+        return cloudpickle.loads(fernet().decrypt(blob))

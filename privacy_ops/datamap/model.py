@@ -47,7 +47,8 @@ class FieldAction(StrEnum):
 
     keep = "keep"
     set_null = "set_null"
-    keyed_pseudonym = "keyed_pseudonym"  # deterministic keyed hash of the subject: rows stay linkable, not identifying
+    # A deterministic keyed hash of the subject: rows stay linkable to each other, not to the person.
+    keyed_pseudonym = "keyed_pseudonym"
     generic_replacement = "generic_replacement"  # a fixed value, e.g. "Erased user"
     redact_identifiers = "redact_identifiers"  # free text: the subject's identifiers replaced by [redacted]
 
@@ -105,7 +106,9 @@ class Table(Strict):
     def _retention_given(self) -> Table:
         retains = any(r.erasure == RowAction.retain for r in self.reaches)
         if retains and self.retention is None:
-            raise ValueError("a reach with erasure: retain needs a retention block (legal_basis, period_days)")
+            raise ValueError(
+                "a reach with erasure: retain needs a retention block (legal_basis, period_days, clock_column)"
+            )
         return self
 
 
@@ -159,7 +162,10 @@ class DataMap(Strict):
     def identifier_columns(self) -> list[tuple[str, str, Column]]:
         """(table, column, spec) of every column whose values identify the subject."""
         return [
-            (t, c, spec) for t, table in self.postgres.tables.items() for c, spec in table.columns.items() if spec.identifier
+            (t, c, spec)
+            for t, table in self.postgres.tables.items()
+            for c, spec in table.columns.items()
+            if spec.identifier
         ]
 
     def text_columns(self) -> list[tuple[str, str, Column]]:

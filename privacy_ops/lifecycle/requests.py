@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from privacy_ops.lifecycle.schema import requests
@@ -158,3 +158,16 @@ def _request(row: Any) -> Request:
         flow_run_id=row["flow_run_id"],
         outcome=dict(row["outcome"]),
     )
+
+
+def history_for_accounts(connection: Connection, account_ids: list[int]) -> list[dict[str, Any]]:
+    """The privacy requests that concerned these accounts (for the access package): ids, rights, dates, status."""
+    rows = connection.execute(
+        select(
+            requests.c.id, requests.c.right, requests.c.regulation, requests.c.status,
+            requests.c.received_at, requests.c.completed_at,
+        )
+        .where(or_(*(requests.c.account_ids.contains([account_id]) for account_id in account_ids)))
+        .order_by(requests.c.received_at)
+    )
+    return [dict(row._mapping) for row in rows]

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Column,
     Date,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -61,7 +62,8 @@ notifications = Table(
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("request_id", Text, nullable=False),
-    Column("kind", Text, nullable=False),  # acknowledgement | verification_code | completion | denial | no_data_held
+    # acknowledgement | verification_code | completion | denial | no_data_held
+    Column("kind", Text, nullable=False),
     # sending = claimed (a row left 'sending' by a crashed run is retried) | sent = accepted by the SMTP server
     Column("status", Text, nullable=False),
     Column("message_id", Text, nullable=False),  # deterministic: a resend after a crash carries the same id
@@ -104,6 +106,17 @@ retained_records = Table(
     Column("legal_basis", Text, nullable=False),
     Column("purge_after", Date, nullable=False),
     UniqueConstraint("table_name", "row_key"),
+)
+
+
+# The subject's identifiers, taken before erasure and encrypted (Fernet): what a resumed erasure still needs after
+# the database rows are gone (Stripe ids, the address for the completion email). Deleted when the request ends.
+subject_snapshots = Table(
+    "subject_snapshots",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", TS, nullable=False),
 )
 
 

@@ -123,3 +123,12 @@ def record_operator_verification(
         .values(request_id=request_id, attempts=0, **values)
         .on_conflict_do_update(index_elements=[verifications.c.request_id], set_=values)
     )
+
+
+def expire(connection: Connection, *, request_id: str, now: datetime) -> None:
+    """The code's lifetime ran out while the request waited: it can no longer be verified."""
+    connection.execute(
+        update(verifications)
+        .where(verifications.c.request_id == request_id, verifications.c.status == VerificationStatus.pending.value)
+        .values(status=VerificationStatus.expired.value, updated_at=now)
+    )

@@ -91,16 +91,28 @@ def count_records(connection: Connection, datamap: DataMap, account_ids: list[in
     return counts
 
 
+def column_values(
+    connection: Connection, datamap: DataMap, table_name: str, column_name: str, account_ids: list[int]
+) -> set[str]:
+    """Distinct non-null values of one column over the accounts' rows (IP addresses rendered by host())."""
+    target = table_clause(datamap, table_name)
+    value = target.c[column_name]
+    spec = datamap.table(table_name).columns.get(column_name)
+    rendered = func.host(value) if spec is not None and spec.kind == Kind.ip else cast(value, Text)
+    query = (
+        select(rendered)
+        .distinct()
+        .where(primary_key_in(datamap, target, _reached_keys(datamap, table_name)))
+        .where(value.is_not(None))
+    )
+    return {str(v) for v in connection.execute(query, {"account_ids": account_ids}).scalars()}
+
+
 def collect_identifiers(connection: Connection, datamap: DataMap, account_ids: list[int]) -> dict[Kind, set[str]]:
     """Every identifier value of the subject, by kind: what erasure redacts and what checks hunt for afterwards."""
     found: dict[Kind, set[str]] = defaultdict(set)
     for table_name, column_name, spec in datamap.identifier_columns():
-        keys = _reached_keys(datamap, table_name)
-        target = table_clause(datamap, table_name)
-        value = target.c[column_name]
-        rendered = func.host(value) if spec.kind == Kind.ip else cast(value, Text)
-        query = select(rendered).distinct().where(primary_key_in(datamap, target, keys)).where(value.is_not(None))
-        found[spec.kind].update(str(v) for v in connection.execute(query, {"account_ids": account_ids}).scalars())
+        found[spec.kind].update(column_values(connection, datamap, table_name, column_name, account_ids))
     return dict(found)
 
 
