@@ -1,9 +1,9 @@
 """The append-only, hash-chained audit log of every privacy request step.
 
-Each entry carries `prev_hash` (the previous entry's `entry_hash`, "0"*64 for the first) and `entry_hash`, a SHA-256
-over a canonical JSON of all its other columns. `audit_head` holds the newest seq and hash. Together they make
-tampering visible to `verify`: an altered entry no longer matches its hash, a deleted entry leaves a gap in the
-contiguous seq, a deleted tail leaves the head pointing past the last entry, a reordered chain breaks the links.
+Each entry carries `prev_hash` (the previous entry's `entry_hash`, "0"*64 for the first) and `entry_hash`, a
+SHA-256 over a canonical JSON of all its other columns. `audit_head` holds the newest seq and hash. Together they
+make tampering visible to `verify`: an altered entry no longer matches its hash, a deleted entry leaves a gap in
+the contiguous seq, a deleted tail leaves the head pointing past the last entry, a reordered chain breaks links.
 
 The hash is unkeyed: it proves the log was not changed *piecemeal*; someone able to rewrite the whole log and the
 head can recompute every hash. Anchoring the head elsewhere (e.g. in the compliance summary mail) closes that gap.
@@ -32,7 +32,9 @@ GENESIS_HASH = "0" * 64
 HEAD_ID = 1
 # One lock key for every appender, in every process: appends are serialised across workers.
 _LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext('privacy_ops.audit_log'))")
-_COLUMNS = "seq, recorded_at, request_id, step, outcome, subject_hash, details, idempotency_key, prev_hash, entry_hash"
+_COLUMNS = (
+    "seq, recorded_at, request_id, step, outcome, subject_hash, details, idempotency_key, prev_hash, entry_hash"
+)
 
 
 class AuditError(Exception):
@@ -353,7 +355,7 @@ def verify(connection: Connection, *, max_problems: int = 100, batch: int = 5000
             expected_prev = previous.entry_hash if previous else GENESIS_HASH
             if entry.prev_hash != expected_prev:
                 after = f"entry {previous.seq}" if previous else "the start of the log"
-                problems.append(f"entry {entry.seq}: does not follow {after} (chain broken: reordered or replaced)")
+                problems.append(f"entry {entry.seq}: does not follow {after} (chain broken: reordered/replaced)")
         else:  # only possible with seq <= 0, as seq is the primary key and rows come ordered
             problems.append(f"entry {entry.seq}: invalid seq")
         if entry.expected_hash() != entry.entry_hash:

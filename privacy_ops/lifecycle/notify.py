@@ -5,9 +5,9 @@ autoescaped). Each kind accepts exactly the context it needs and nothing else, s
 personal data into an email by accident.
 
 Exactly once: `send_once` claims a row in `privacy_ops.notifications` (unique per request and kind) in its own
-committed transaction, then sends while holding that row's lock and marks it 'sent' in the same transaction. A second
-caller (rerun or racing worker) waits on the lock and then sees 'sent'. The recipient address arrives as `Pii` and
-is revealed only in `_deliver`, at the SMTP call; errors name the request, the kind and the SMTP code, never it.
+committed transaction, then sends while holding that row's lock and marks it 'sent' in the same transaction. A
+second caller (rerun or racing worker) waits on the lock and then sees 'sent'. The recipient address arrives as
+`Pii` and is revealed only in `_deliver`, at the SMTP call; errors name the request, kind and SMTP code, never it.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 class NotificationError(Exception):
     """An email could not be sent. The message names request, kind and SMTP code, never the recipient."""
 
-    def __init__(self, message: str, *, request_id: str | None = None, kind: str | None = None,
-                 smtp_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, request_id: str | None = None, kind: str | None = None, smtp_code: int | None = None
+    ) -> None:
         super().__init__(message)
         self.request_id = request_id
         self.kind = kind
@@ -146,6 +147,15 @@ def _moment(value: datetime) -> str:
     return f"{moment.day} {moment:%B %Y, %H:%M} UTC"
 
 
+def _sentence(value: str) -> str:
+    """Callers pass fragments ("tax law requires ..."): start them upper-case and end them with a full stop."""
+    value = str(value).strip()
+    if not value:
+        return value
+    value = value[0].upper() + value[1:]
+    return value if value[-1] in ".!?" else value + "."
+
+
 def _environment() -> Environment:
     environment = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -157,6 +167,7 @@ def _environment() -> Environment:
     )
     environment.filters["day"] = _day
     environment.filters["moment"] = _moment
+    environment.filters["sentence"] = _sentence
     return environment
 
 
@@ -260,8 +271,15 @@ def connect(smtp: SmtpSettings) -> smtplib.SMTP:
     return client
 
 
-def _deliver(smtp: SmtpSettings, message: EmailMessage, recipient: Pii, *, what: str,
-             request_id: str | None = None, kind: str | None = None) -> None:
+def _deliver(
+    smtp: SmtpSettings,
+    message: EmailMessage,
+    recipient: Pii,
+    *,
+    what: str,
+    request_id: str | None = None,
+    kind: str | None = None,
+) -> None:
     """Send `message` to `recipient`: the one place the address is revealed.
 
     Failures become NotificationError naming `what` and the SMTP code only: the server's reply text and
@@ -298,8 +316,9 @@ def _deliver(smtp: SmtpSettings, message: EmailMessage, recipient: Pii, *, what:
         raise NotificationError(f"{what} not sent: {failure}", request_id=request_id, kind=kind, smtp_code=code)
 
 
-def _message(smtp: SmtpSettings, *, subject: str, message_id: str, text_body: str,
-             html_body: str | None = None) -> EmailMessage:
+def _message(
+    smtp: SmtpSettings, *, subject: str, message_id: str, text_body: str, html_body: str | None = None
+) -> EmailMessage:
     message = EmailMessage()
     message["From"] = smtp.mail_from
     message["Reply-To"] = CONTACT_EMAIL
@@ -359,6 +378,8 @@ def send_once(
     The lock is held for the SMTP conversation (bounded by `timeout` per socket operation); a racing caller
     waits that long. Raises NotificationError on SMTP failure, ValueError on an unknown kind or bad context.
     """
+    if not isinstance(to, Pii):
+        raise TypeError("to must be a Pii: the address is personal data")
     smtp = _smtp(smtp_settings)
     rendered = render(kind, request_id, context)
     keys = {"request_id": request_id, "kind": kind}
@@ -371,11 +392,15 @@ def send_once(
         if row.status == "sent":
             return False
         message = _message(
-            smtp, subject=rendered.subject, message_id=row.message_id, text_body=rendered.text,
+            smtp,
+            subject=rendered.subject,
+            message_id=row.message_id,
+            text_body=rendered.text,
             html_body=rendered.html,
         )
-        _deliver(smtp, message, to, what=f"{kind} email for request {request_id}", request_id=request_id,
-                 kind=kind)
+        _deliver(
+            smtp, message, to, what=f"{kind} email for request {request_id}", request_id=request_id, kind=kind
+        )
         connection.execute(_MARK_SENT, keys)
     return True
 
