@@ -7,7 +7,9 @@ StackError) are printed by `main()` as one line on stderr with exit code 1, neve
 
 from __future__ import annotations
 
+import os
 import shlex
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -127,11 +129,272 @@ def stack_env() -> None:
         typer.echo(f"export {name}={shlex.quote(value)}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Requests
+
+
+def _point_prefect_at_stack() -> None:
+    """Before Prefect is imported: use the local stack's Prefect server unless PREFECT_API_URL is set."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    info = read_stack()
+    if info is not None and info.prefect_api_url:
+        os.environ.update(prefect_env(info))
+
+
+request_app = typer.Typer(
+    help=(
+        "Start a privacy request and follow it to the end in this terminal. The flow emails a one-time code to the "
+        "address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` (or "
+        "the Prefect UI's resume form)."
+    ),
+    short_help="Start an access or erasure request.",
+    no_args_is_help=True,
+)
+app.add_typer(request_app, name="request")
+
+EmailOption = Annotated[str | None, typer.Option("--email", help="The requester's email address.")]
+AccountOption = Annotated[int | None, typer.Option("--account-id", help="Or the CellCMS account id.")]
+RegulationOption = Annotated[str, typer.Option("--regulation", help="GDPR (30-day deadline) or CCPA (45 days).")]
+ByOption = Annotated[str, typer.Option("--requested-by", help="Who took the request.")]
+ResumeOption = Annotated[
+    str | None, typer.Option("--resume", help="Continue an existing request (e.g. after a failure) instead.")
+]
+
+
+def _run_request(
+    right: str, email: str | None, account_id: int | None, regulation: str, requested_by: str, resume: str | None
+) -> None:
+    _point_prefect_at_stack()
+    from pydantic import ValidationError
+
+    from flows.parameters import SubjectIntake
+
+    intake = None
+    if resume is None:
+        try:
+            intake = SubjectIntake(
+                email=email, account_id=account_id, regulation=regulation, requested_by=requested_by
+            )
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
+            raise typer.BadParameter(problems) from None
+    if right == "access":
+        from flows.access_request import access_request as flow_fn
+    else:
+        from flows.erasure_request import erasure_request as flow_fn
+    typer.echo(f"starting the {right} request; the request id appears below once it is registered")
+    status = flow_fn(intake=intake, resume_request_id=resume)
+    typer.echo(f"request finished: {status}")
+
+
+@request_app.command("access")
+def request_access(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right of access / right to know: a copy of everything mapped, delivered as a link that expires."""
+    _run_request("access", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("erasure")
+def request_erasure(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to erasure / right to delete: remove everything the law lets us remove, and prove it."""
+    _run_request("erasure", email, account_id, regulation, requested_by, resume)
+
+
+@app.command("verify")
+def verify(
+    request_id: Annotated[str, typer.Argument(help="The request id, e.g. req_1a2b3c4d5e.")],
+    code: Annotated[str | None, typer.Argument(help="The 6-digit code the person received.")] = None,
+    verified_by: Annotated[
+        str | None,
+        typer.Option("--verified-by", help="Record a verification done by other means, by this operator."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Mandatory with --verified-by: how.")] = None,
+) -> None:
+    """Enter a request's verification code, or record an operator's verification (--verified-by NAME --reason)."""
+    _point_prefect_at_stack()
+    from privacy_ops.lifecycle import audit, verification
+    from privacy_ops.lifecycle.requests import get_request
+    from privacy_ops.runner import PLACEHOLDER_CODE, submit_code
+    from privacy_ops.services import services
+
+    svc = services()
+    if verified_by is not None:
+        if not reason:
+            raise typer.BadParameter("--reason is required with --verified-by")
+        with svc.engine.begin() as connection:
+            request = get_request(connection, request_id)
+            verification.record_operator_verification(
+                connection, request_id=request_id, verified_by=verified_by, reason=reason, now=svc.now()
+            )
+            audit.record(
+                connection,
+                step="verify",
+                outcome="verified_by_operator",
+                request_id=request_id,
+                subject_hash=request.subject_hash,
+                details={"operator": verified_by, "reason": reason},
+            )
+        code = PLACEHOLDER_CODE
+    elif code is None:
+        raise typer.BadParameter("give the CODE, or --verified-by NAME --reason TEXT")
+    state = submit_code(svc.engine, request_id, code)
+    if state.status == verification.VerificationStatus.pending:
+        typer.echo(f"{request_id}: wrong code, {state.attempts_left} attempt(s) left")
+        raise typer.Exit(1)
+    typer.echo(f"{request_id}: {state.status.value}")
+    if state.status != verification.VerificationStatus.verified:
+        raise typer.Exit(1)
+
+
+@app.command("requests")
+def list_requests_command(
+    all_requests: Annotated[bool, typer.Option("--all", help="Include finished requests.")] = False,
+) -> None:
+    """List privacy requests with their status and days left before the deadline."""
+    from privacy_ops.lifecycle.requests import list_requests
+    from privacy_ops.services import services
+
+    with services().engine.connect() as connection:
+        rows = list_requests(connection, open_only=not all_requests)
+    if not rows:
+        typer.echo("no open requests" if not all_requests else "no requests")
+    for r in rows:
+        typer.echo(
+            f"{r.id}  {r.right.value:<8} {r.regulation.value:<5} {r.status.value:<22} due {r.due_at:%Y-%m-%d} "
+            f"({r.days_left} days left)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audit, data map, sandbox, blocks, demo
+
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the chain: report any altered, deleted or reordered entry (exit 1 if the chain is broken)."""
+    from privacy_ops.lifecycle import audit
+    from privacy_ops.services import services
+
+    with services().engine.connect() as connection:
+        result = audit.verify(connection)
+    if result.ok:
+        typer.echo(f"audit log ok: {result.entries} entries, chain intact")
+        return
+    for problem in result.problems:
+        typer.echo(problem, err=True)
+    raise typer.Exit(1)
+
+
+datamap_app = typer.Typer(help="The data map: where personal data lives in CellCMS.", no_args_is_help=True)
+app.add_typer(datamap_app, name="datamap")
+
+
+@datamap_app.command("check")
+def datamap_check(
+    path: Annotated[Path | None, typer.Argument(help="The data map YAML (default: the configured one).")] = None,
+    live: Annotated[bool, typer.Option(help="Also check it against the live database.")] = True,
+) -> None:
+    """Validate the data map, and compare it with the live database; every problem at once, with file:line."""
+    from privacy_ops.datamap import check_against_database, load_datamap
+    from privacy_ops.settings import load_settings
+
+    if path is None:
+        path = load_settings().datamap_path
+    datamap = load_datamap(path)
+    typer.echo(f"{path}: {len(datamap.postgres.tables)} tables, {len(datamap.s3)} S3 location(s), valid")
+    if live:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(load_settings().database_url.get_secret_value())
+        for warning in check_against_database(datamap, engine, path):
+            typer.echo(f"warning: {warning}")
+        typer.echo("matches the live database")
+
+
+@app.command("seed")
+def seed(
+    accounts: Annotated[int, typer.Option(help="How many synthetic accounts.", min=1)] = 1000,
+    seed_value: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same data.")] = 42,
+    reset: Annotated[
+        bool, typer.Option(help="Replace an existing sandbox (PostgreSQL rows, S3 files, Stripe).")
+    ] = False,
+) -> None:
+    """Create the sandbox CellCMS schema (Alembic) and fill it with synthetic people (local stack only)."""
+    from cellcms_sandbox.database import migrate
+    from cellcms_sandbox.generator import seed_sandbox
+    from privacy_ops.services import services
+
+    svc = services()
+    url = svc.settings.database_url.get_secret_value()
+    migrate(url)
+    report = seed_sandbox(
+        url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, seed=seed_value, reset=reset, progress=True
+    )
+    typer.echo(str(report))
+
+
+blocks_app = typer.Typer(help="Prefect blocks holding the connections for deployed workers.", no_args_is_help=True)
+app.add_typer(blocks_app, name="blocks")
+
+
+@blocks_app.command("save")
+def blocks_save(
+    name: Annotated[
+        str, typer.Option(help="Block document name; workers then run with PRIVACY_OPS_BLOCKS=NAME.")
+    ] = "cellcms",
+) -> None:
+    """Save the current settings (environment or local stack) as Prefect blocks, secrets encrypted by Prefect."""
+    _point_prefect_at_stack()
+    from blocks.cellcms import save_blocks
+    from privacy_ops.settings import load_settings
+
+    for slug in save_blocks(load_settings(), name):
+        typer.echo(f"saved {slug}")
+
+
+@app.command("demo")
+def demo(
+    accounts: Annotated[int, typer.Option(help="How many synthetic accounts to seed.", min=20)] = 1000,
+) -> None:
+    """The main job on embedded defaults: start the stack, seed CellCMS, run an access and an erasure request
+    end to end (codes read from the SMTP sink), and report what was found, exported, erased and retained."""
+    from privacy_ops.demo import run_demo
+
+    run_demo(accounts, typer.echo)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that deserve one line, not a traceback: bad settings, a stack that will not start, a bad data
+    map, an unknown request, an unreachable server. Their messages never carry personal data."""
+    from privacy_ops.datamap import DataMapError
+    from privacy_ops.lifecycle.notify import NotificationError
+    from privacy_ops.lifecycle.requests import RequestNotFound
+    from privacy_ops.runner import RunnerError
+    from privacy_ops.stores.errors import StoreError
+
+    return (ConfigError, StackError, DataMapError, RequestNotFound, RunnerError, NotificationError, StoreError)
+
+
 def main() -> None:
     """Console entry point: run the app; expected failures become one line on stderr and exit code 1."""
     try:
         app(prog_name="privacy-ops")
-    except (ConfigError, StackError) as error:
+    except _expected_errors() as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(1) from None
 

@@ -6,11 +6,13 @@ through the Prefect API with the code as run input, exactly as the UI's resume f
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.message import EmailMessage
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -119,3 +121,14 @@ def submit_code(engine: Engine, request_id: str, code: str, timeout: float = 120
 def final_status(engine: Engine, request_id: str) -> request_records.Request:
     with engine.connect() as connection:
         return request_records.get_request(connection, request_id)
+
+
+def code_from_mail(messages: list[EmailMessage], request_id: str) -> str | None:
+    """The verification code in the newest code email of a request (the demo and tests read the SMTP sink)."""
+    for message in reversed(messages):
+        if request_id in str(message["Subject"]) and "confirmation code" in str(message["Subject"]):
+            part = message.get_body(preferencelist=("plain",))
+            found = re.search(r"\b(\d{6})\b", part.get_content() if part is not None else "")
+            if found:
+                return found.group(1)
+    return None

@@ -1,0 +1,122 @@
+"""`privacy-ops demo`: the main job on embedded defaults, end to end, with a short report.
+
+Starts the local stack, seeds a synthetic CellCMS, runs an access request and an erasure request for two seeded
+people (answering verification by reading the code from the SMTP sink, as the person would), and reports what was
+found, exported, erased and retained, and the Great Expectations verdicts. Identities are never printed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from privacy_ops.stack import prefect_env, read_mail, settings_env, start_stack
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    request_id: str
+    status: str
+    outcome: dict[str, Any]
+    seconds: float
+
+
+def run_demo(accounts: int, echo: Echo) -> None:
+    started = time.monotonic()
+    info = start_stack(progress=echo)
+    # Before anything imports Prefect: point it (and our settings) at the stack.
+    os.environ.update(settings_env(info) | prefect_env(info))
+
+    from cellcms_sandbox.database import migrate
+    from cellcms_sandbox.generator import seed_sandbox
+    from cellcms_sandbox.hard_cases import demo_subjects
+    from privacy_ops.datamap import check_against_database
+    from privacy_ops.services import services
+
+    svc = services()
+    url = svc.settings.database_url.get_secret_value()
+    echo(f"seeding a synthetic CellCMS with {accounts:,} accounts (PostgreSQL, S3 files, Stripe billing) ...")
+    migrate(url)
+    report = seed_sandbox(url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, reset=True, progress=True)
+    echo(f"  {report}")
+    warnings = check_against_database(svc.datamap, svc.engine, svc.settings.datamap_path)
+    echo(f"data map checked against the live database: ok ({len(warnings)} unmapped column(s) noted)")
+    people = demo_subjects(url, limit=2)
+    if len(people) < 2:
+        raise RuntimeError("the sandbox has fewer than two people with every hard case: seed more accounts")
+
+    from flows.access_request import access_request
+    from flows.erasure_request import erasure_request
+
+    access = _run(access_request, "access", people[0], svc, echo)
+    erasure = _run(erasure_request, "erasure", people[1], svc, echo)
+    _report(access, erasure, svc, echo)
+    echo(f"demo finished in {time.monotonic() - started:.0f} s")
+    echo(f"Prefect UI (flow runs, artifacts): {info.services['prefect'].url}")
+    echo("the local stack keeps running for you to explore: `privacy-ops stack down` stops it")
+
+
+def _run(flow_fn: Any, right: str, account_id: int, svc: Any, echo: Echo) -> DemoRequest:
+    """Start the request for a seeded account, enter the emailed code, wait for the flow to finish."""
+    from flows.parameters import SubjectIntake
+    from privacy_ops.runner import code_from_mail, final_status, find_new_request, start_flow, submit_code
+
+    began = time.monotonic()
+    handle = start_flow(flow_fn, intake=SubjectIntake(account_id=account_id, requested_by="privacy-ops demo"))
+    request_id = find_new_request(svc.engine, right, handle.started_at)
+    echo(f"{right} request {request_id} for account {account_id}: waiting for the code emailed to the address on file")
+    code = None
+    deadline = time.monotonic() + 120
+    while code is None and time.monotonic() < deadline:
+        code = code_from_mail(read_mail(), request_id)
+        time.sleep(0.5)
+    if code is None:
+        raise RuntimeError(f"no verification code arrived for {request_id}")
+    state = submit_code(svc.engine, request_id, code)
+    echo(f"  code read from the SMTP sink and entered: identity {state.status.value}")
+    handle.wait(600)
+    request = final_status(svc.engine, request_id)
+    echo(f"  {request_id}: {request.status.value} in {time.monotonic() - began:.1f} s")
+    return DemoRequest(request_id, request.status.value, request.outcome, time.monotonic() - began)
+
+
+def _report(access: DemoRequest, erasure: DemoRequest, svc: Any, echo: Echo) -> None:
+    from privacy_ops.export import presigned_url
+    from privacy_ops.lifecycle import audit
+
+    echo("")
+    echo("=== report ===")
+    for request in (access, erasure):
+        located = request.outcome.get("locate", {})
+        echo(
+            f"{request.request_id} found: {sum(located.get('postgres', {}).values())} rows in "
+            f"{len(located.get('postgres', {}))} tables, {located.get('s3_object_versions', 0)} S3 object versions, "
+            f"{located.get('stripe_customers', 0)} Stripe customer(s)"
+        )
+    package = access.outcome.get("access_package", {})
+    if package:
+        echo(f"access package: s3://{package['bucket']}/{package['key']} ({package['size_bytes']:,} bytes)")
+        echo(f"  link (7 days): {presigned_url(svc.s3, package['bucket'], package['key'])}")
+    erased = erasure.outcome.get("erasure", {})
+    tables = erased.get("postgres", {}).get("tables", {})
+    echo(
+        "erasure: "
+        f"{sum(t['deleted'] for t in tables.values())} rows deleted, "
+        f"{sum(t['anonymised'] + t['mentions_redacted'] for t in tables.values())} anonymised or redacted, "
+        f"{sum(t['retained'] for t in tables.values())} retained for tax law (pseudonymised, purge date recorded); "
+        f"S3 {erased.get('s3', {}).get('versions_deleted', 0)} versions + "
+        f"{erased.get('s3', {}).get('delete_markers_deleted', 0)} delete markers removed; "
+        f"Stripe {erased.get('stripe', {}).get('customers_deleted', 0)} customer(s) deleted"
+    )
+    for request in (access, erasure):
+        checks = request.outcome.get("checks", {})
+        verdict = "passed" if checks.get("success") else "FAILED"
+        echo(f"Great Expectations ({checks.get('suite', '?')}): {verdict}, {checks.get('expectations', 0)} expectations")
+    with svc.engine.connect() as connection:
+        chain = audit.verify(connection)
+    echo(f"audit log: {chain.entries} entries, chain {'verifies' if chain.ok else 'BROKEN: ' + '; '.join(chain.problems)}")
