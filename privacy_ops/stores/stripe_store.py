@@ -1,0 +1,271 @@
+"""Stripe operations of the privacy flows: what Stripe holds about a customer, and erasing it.
+
+Only calls that both real Stripe and localstripe (the local stand-in) support are used: customers
+retrieve/list/modify/delete, payment methods list(customer=, type="card")/detach/retrieve, invoices
+list(customer=).
+Differences handled here:
+- a deleted customer is a 404 in localstripe and a `{"deleted": true}` object in Stripe: both mean "gone";
+- localstripe answers `''` where Stripe answers null: empty strings are normalised to None;
+- stripe 16's StripeObject is not a dict: values are read through `.to_dict()`.
+
+Every mutating call carries an idempotency key derived from the privacy request id, the object id and the
+operation, so that a rerun of the same request (a Prefect retry) cannot do anything different from the first run.
+Errors surface as `StoreError` naming the operation and the Stripe id, never the customer's values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import pandas as pd
+import stripe
+
+from privacy_ops.stores.errors import StoreError
+
+if TYPE_CHECKING:
+    from stripe._base_address import BaseAddresses
+
+    from privacy_ops.settings import Settings
+
+T = TypeVar("T")
+
+# Personal fields of a customer that erasure blanks before deleting it. In the Stripe API an empty string unsets a
+# field (address and shipping included); metadata is blanked key by key, because localstripe ignores `metadata=""`.
+_PERSONAL_FIELDS = ("name", "email", "phone", "address", "description", "shipping")
+_IDEMPOTENCY_KEY_MAX = 255  # Stripe's limit
+
+
+@dataclass(frozen=True, slots=True)
+class StripeErasure:
+    """What erasing one customer did; a rerun after success reports only already_gone."""
+
+    payment_methods_detached: int
+    customer_redacted: bool  # personal fields blanked by this call
+    customer_deleted: bool  # deleted by this call
+    already_gone: bool  # the customer did not exist (any more) when this call reached it
+
+
+def client(settings: Settings) -> stripe.StripeClient:
+    """The Stripe client from Settings; `stripe_api_base` points it at localstripe or a proxy."""
+    base: BaseAddresses = {"api": settings.stripe_api_base} if settings.stripe_api_base else {}
+    # Network retries are safe: every mutating call below carries an idempotency key.
+    return stripe.StripeClient(
+        settings.stripe_api_key.get_secret_value(), base_addresses=base, max_network_retries=2
+    )
+
+
+def idempotency_key(request_id: str, object_id: str, operation: str) -> str:
+    """The key of one mutation of one object for one privacy request: identical across reruns of the request."""
+    if not request_id:
+        raise ValueError("request_id is required for idempotent Stripe calls")
+    key = f"privacy-ops:{request_id}:{operation}:{object_id}"
+    if len(key) > _IDEMPOTENCY_KEY_MAX:
+        key = "privacy-ops:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+def customer_summary(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
+    """What Stripe holds about a customer, for the access package; None if the customer does not exist.
+
+    Cards are shown as brand, last 4 digits and expiry only (Stripe never returns more, and nothing else from the
+    payment method, e.g. its fingerprint, goes into the package). `created` is ISO-8601 UTC.
+    """
+    customer = _retrieve_customer(client, customer_id)
+    if customer is None:
+        return None
+    cards = [
+        {
+            "brand": _blank_to_none(card.get("brand")),
+            "last4": _blank_to_none(card.get("last4")),
+            "exp_month": card.get("exp_month"),
+            "exp_year": card.get("exp_year"),
+        }
+        for card in (pm.get("card") or {} for pm in _list_cards(client, customer_id))
+    ]
+    invoices = [
+        {
+            "id": invoice.get("id"),
+            "number": _blank_to_none(invoice.get("number")),
+            "created": _iso(invoice.get("created")),
+            "amount_due": invoice.get("amount_due"),
+            "amount_paid": invoice.get("amount_paid"),
+            "currency": _blank_to_none(invoice.get("currency")),
+            "status": _blank_to_none(invoice.get("status")),
+        }
+        for invoice in _call(
+            "list invoices",
+            customer_id,
+            lambda: [i.to_dict() for i in client.v1.invoices.list({"customer": customer_id}).auto_paging_iter()],
+        )
+    ]
+    address = customer.get("address")
+    return {
+        "customer": {
+            "id": customer["id"],
+            "email": _blank_to_none(customer.get("email")),
+            "name": _blank_to_none(customer.get("name")),
+            "phone": _blank_to_none(customer.get("phone")),
+            "address": _compact(address),
+            "created": _iso(customer.get("created")),
+        },
+        "payment_methods": cards,
+        "invoices": invoices,
+    }
+
+
+def erase_customer(client: stripe.StripeClient, customer_id: str, request_id: str) -> StripeErasure:
+    """Detach every card, blank the customer's personal fields, delete the customer; idempotent.
+
+    Invoices stay in Stripe (tax law) and keep Stripe's own copy of the billing details. A customer that is
+    already deleted or unknown counts as done (`already_gone`).
+    """
+    customer = _retrieve_customer(client, customer_id)
+    if customer is None:
+        return StripeErasure(0, customer_redacted=False, customer_deleted=False, already_gone=True)
+
+    detached = 0
+    # Collect all pages before detaching: detaching while paginating shifts the pages.
+    for pm in _list_cards(client, customer_id):
+        if _detach(client, pm["id"], request_id):
+            detached += 1
+
+    redacted = False
+    blank = _blanking_params(customer)
+    if blank:
+        # A rerun finds the fields already blank and skips the call: resending the same key with different
+        # parameters (fewer metadata keys) would be an IdempotencyError at Stripe.
+        try:
+            client.v1.customers.update(
+                customer_id,
+                blank,  # type: ignore[arg-type]  # built dynamically; keys are CustomerUpdateParams fields
+                {"idempotency_key": idempotency_key(request_id, customer_id, "redact")},
+            )
+            redacted = True
+        except stripe.StripeError as error:
+            if _is_missing(error):
+                return StripeErasure(detached, customer_redacted=False, customer_deleted=False, already_gone=True)
+            _raise("redact customer", customer_id, error)
+
+    try:
+        client.v1.customers.delete(
+            customer_id, options={"idempotency_key": idempotency_key(request_id, customer_id, "delete")}
+        )
+    except stripe.StripeError as error:
+        if _is_missing(error):
+            return StripeErasure(detached, customer_redacted=redacted, customer_deleted=False, already_gone=True)
+        _raise("delete customer", customer_id, error)
+    return StripeErasure(detached, customer_redacted=redacted, customer_deleted=True, already_gone=False)
+
+
+def list_customers_frame(client: stripe.StripeClient) -> pd.DataFrame:
+    """All remaining customers (id, email, name, phone), all pages; checked by Great Expectations after erasure."""
+    columns = ["id", "email", "name", "phone"]
+    rows = _call(
+        "list customers",
+        "all",
+        lambda: [
+            [_blank_to_none(c.get(col)) for col in columns]
+            for c in (obj.to_dict() for obj in client.v1.customers.list({"limit": 100}).auto_paging_iter())
+        ],
+    )
+    return pd.DataFrame(rows, columns=columns, dtype=object)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _retrieve_customer(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
+    """The customer as a dict, or None when it is deleted (Stripe) or unknown (404, localstripe)."""
+    try:
+        customer = client.v1.customers.retrieve(customer_id).to_dict()
+    except stripe.StripeError as error:
+        if _is_missing(error):
+            return None
+        _raise("retrieve customer", customer_id, error)
+    return None if customer.get("deleted") else customer
+
+
+def _list_cards(client: stripe.StripeClient, customer_id: str) -> list[dict[str, Any]]:
+    def fetch() -> list[dict[str, Any]]:
+        pages = client.v1.payment_methods.list({"customer": customer_id, "type": "card", "limit": 100})
+        return [pm.to_dict() for pm in pages.auto_paging_iter()]
+
+    try:
+        return fetch()
+    except stripe.StripeError as error:
+        if _is_missing(error):  # the customer went away meanwhile: it has no cards any more
+            return []
+        _raise("list payment methods of", customer_id, error)
+
+
+def _detach(client: stripe.StripeClient, payment_method_id: str, request_id: str) -> bool:
+    """Detach one payment method; False if it was already detached (a rerun after the idempotency key expired)."""
+    try:
+        client.v1.payment_methods.detach(
+            payment_method_id,
+            options={"idempotency_key": idempotency_key(request_id, payment_method_id, "detach")},
+        )
+        return True
+    except stripe.StripeError as error:
+        if _is_missing(error):
+            return False
+        if error.http_status == 400:
+            # Stripe refuses to detach a payment method that is not attached: check that this is the reason.
+            current = _call(
+                "retrieve payment method",
+                payment_method_id,
+                lambda: client.v1.payment_methods.retrieve(payment_method_id).to_dict(),
+            )
+            if not current.get("customer"):
+                return False
+        _raise("detach payment method", payment_method_id, error)
+
+
+def _blanking_params(customer: dict[str, Any]) -> dict[str, Any]:
+    """The modify parameters that blank whatever personal field still holds a value; {} if nothing does."""
+    params: dict[str, Any] = {field: "" for field in _PERSONAL_FIELDS if customer.get(field) not in (None, "", {})}
+    metadata = customer.get("metadata") or {}
+    filled = sorted(key for key, value in metadata.items() if value not in (None, ""))
+    if filled:
+        params["metadata"] = dict.fromkeys(filled, "")
+    return params
+
+
+def _is_missing(error: stripe.StripeError) -> bool:
+    return error.http_status == 404 or error.code == "resource_missing"
+
+
+def _call(operation: str, object_id: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except stripe.StripeError as error:
+        _raise(operation, object_id, error)
+
+
+def _raise(operation: str, object_id: str, error: stripe.StripeError) -> NoReturn:
+    # Stripe's messages may quote parameters (an invalid email, say): keep only status and code.
+    status = error.http_status
+    code = error.code or type(error).__name__
+    message = f"stripe: {operation} {object_id} failed: {status} {code}"
+    raise StoreError(message, status=status, code=code) from None
+
+
+def _compact(address: Any) -> dict[str, Any] | None:
+    """An address without its empty lines; None when there is none ('' in localstripe, null in Stripe)."""
+    if not isinstance(address, dict):
+        return None
+    return {key: value for key, value in address.items() if value not in (None, "")} or None
+
+
+def _blank_to_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+def _iso(epoch: Any) -> str | None:
+    if epoch in (None, ""):
+        return None
+    return datetime.fromtimestamp(int(epoch), UTC).isoformat()
