@@ -35,7 +35,7 @@ def access_request(
         return deny(services, request_id, RIGHT, to)
 
     package = build_access_package(services, request_id, located.account_ids)
-    verdict = check_access_package(services, request_id, package, located.account_ids)
+    verdict = check_access_package(services, request_id, package, located)
     notify_subject(
         services,
         request_id,

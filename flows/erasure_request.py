@@ -15,7 +15,14 @@ from privacy_ops.lifecycle.requests import Right, Status
 from privacy_ops.results import EncryptedPickleSerializer
 from privacy_ops.services import services as connect
 from tasks.checks import check_erasure
-from tasks.erasure import erase_postgres, erase_s3, erase_stripe, erasure_summary, forget_snapshot, snapshot_subject
+from tasks.erasure import (
+    erase_postgres,
+    erase_s3,
+    erase_stripe,
+    erasure_summary,
+    forget_snapshot,
+    snapshot_subject,
+)
 from tasks.lifecycle import finish_request, notify_subject, publish_request_artifact
 
 RIGHT = Right.erasure
@@ -41,7 +48,9 @@ def erasure_request(
     postgres = erase_postgres(services, request_id, snapshot)
     s3 = erase_s3(services, request_id, snapshot)
     stripe = erase_stripe(services, request_id, snapshot)
-    verdict = check_erasure(services, request_id, snapshot)  # raises (the run fails, not complete) if anything is left
+    verdict = check_erasure(
+        services, request_id, snapshot
+    )  # raises (the run fails, not complete) if anything is left
     notify_subject(
         services,
         request_id,

@@ -51,7 +51,9 @@ class Started:
     due_at: datetime
 
 
-def start(services: Services, right: Right, intake: SubjectIntake | None, resume_request_id: str | None) -> Started:
+def start(
+    services: Services, right: Right, intake: SubjectIntake | None, resume_request_id: str | None
+) -> Started:
     """Intake (or resume an existing request) and locate the subject's data."""
     if resume_request_id is not None:
         request_id = load_request(services, resume_request_id).id
@@ -89,7 +91,7 @@ def verify_identity(services: Services, request_id: str, to: Pii, code_lifetime_
         if state.status != VerificationStatus.pending:
             return False
         try:
-            answer = _wait_for_code(request_id, state.attempts, _seconds_left(services, state.expires_at))
+            answer = _wait_for_code(state.attempts, _seconds_left(services, state.expires_at))
         except FlowPauseTimeout:
             expire_verification(services, request_id)
             return False
@@ -111,16 +113,18 @@ DENIAL_REASONS = {
 def deny(services: Services, request_id: str, right: Right, to: Pii) -> str:
     """Identity could not be verified: tell the person why, and close the request as denied."""
     state = verification_state(services, request_id)
-    notify_subject(services, request_id, "denial", to, {"right": right.value, "reason": DENIAL_REASONS[state.status]})
+    notify_subject(
+        services, request_id, "denial", to, {"right": right.value, "reason": DENIAL_REASONS[state.status]}
+    )
     finish_request(services, request_id, Status.denied, {"verification": state.status.value})
     publish_request_artifact(services, request_id)
     return Status.denied.value
 
 
-def _wait_for_code(request_id: str, attempt: int, timeout: int) -> VerificationCode:
+def _wait_for_code(attempt: int, timeout: int) -> VerificationCode:
     """Suspend a deployed run (it holds no worker while it waits); pause a local one (it cannot be suspended).
     The key is per attempt, so a resumed run gets back the code given for that attempt."""
-    key = f"{request_id}-code-{attempt}"
+    key = f"verification-code-{attempt}"
     if deployment.id:
         return suspend_flow_run(wait_for_input=VerificationCode, timeout=timeout, key=key)
     return pause_flow_run(wait_for_input=VerificationCode, timeout=timeout, key=key, poll_interval=1)

@@ -115,6 +115,28 @@ class SubjectIdentifiers:
 
     __str__ = __repr__
 
+    @classmethod
+    def from_kinds(
+        cls,
+        values: Mapping[Kind, Iterable[str]],
+        *,
+        account_ids: Iterable[int] = (),
+        s3_prefixes: Iterable[str] = (),
+        pseudonyms: Iterable[str] = (),
+    ) -> SubjectIdentifiers:
+        """From identifier values grouped by the data map's kinds (as `stores.postgres.collect_identifiers` gives)."""
+        grouped: dict[str, set[str]] = {}
+        for kind, found in values.items():
+            attribute = _VALUES_OF_KIND.get(kind)
+            if attribute:
+                grouped.setdefault(attribute, set()).update(found)
+        return cls(
+            **{name: frozenset(found) for name, found in grouped.items()},
+            account_ids=frozenset(account_ids),
+            s3_prefixes=frozenset(s3_prefixes),
+            pseudonyms=frozenset(pseudonyms),
+        )
+
     def by_kind(self, kind: Kind) -> frozenset[str]:
         """The subject's values a column of `kind` must not hold (empty for kinds that hold no identifier)."""
         attribute = _VALUES_OF_KIND.get(kind)

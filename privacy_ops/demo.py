@@ -42,7 +42,9 @@ def run_demo(accounts: int, echo: Echo) -> None:
     url = svc.settings.database_url.get_secret_value()
     echo(f"seeding a synthetic CellCMS with {accounts:,} accounts (PostgreSQL, S3 files, Stripe billing) ...")
     migrate(url)
-    report = seed_sandbox(url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, reset=True, progress=True)
+    report = seed_sandbox(
+        url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, reset=True, progress=True
+    )
     echo(f"  {report}")
     warnings = check_against_database(svc.datamap, svc.engine, svc.settings.datamap_path)
     echo(f"data map checked against the live database: ok ({len(warnings)} unmapped column(s) noted)")
@@ -69,7 +71,9 @@ def _run(flow_fn: Any, right: str, account_id: int, svc: Any, echo: Echo) -> Dem
     began = time.monotonic()
     handle = start_flow(flow_fn, intake=SubjectIntake(account_id=account_id, requested_by="privacy-ops demo"))
     request_id = find_new_request(svc.engine, right, handle.started_at)
-    echo(f"{right} request {request_id} for account {account_id}: waiting for the code emailed to the address on file")
+    echo(
+        f"{right} request {request_id} for account {account_id}: waiting for the code emailed to the address on file"
+    )
     code = None
     deadline = time.monotonic() + 120
     while code is None and time.monotonic() < deadline:
@@ -116,7 +120,11 @@ def _report(access: DemoRequest, erasure: DemoRequest, svc: Any, echo: Echo) -> 
     for request in (access, erasure):
         checks = request.outcome.get("checks", {})
         verdict = "passed" if checks.get("success") else "FAILED"
-        echo(f"Great Expectations ({checks.get('suite', '?')}): {verdict}, {checks.get('expectations', 0)} expectations")
+        echo(
+            f"Great Expectations ({checks.get('suite', '?')}): {verdict}, {checks.get('expectations', 0)} expectations"
+        )
     with svc.engine.connect() as connection:
         chain = audit.verify(connection)
-    echo(f"audit log: {chain.entries} entries, chain {'verifies' if chain.ok else 'BROKEN: ' + '; '.join(chain.problems)}")
+    echo(
+        f"audit log: {chain.entries} entries, chain {'verifies' if chain.ok else 'BROKEN: ' + '; '.join(chain.problems)}"
+    )

@@ -6,12 +6,13 @@ through the Prefect API with the code as run input, exactly as the UI's resume f
 
 from __future__ import annotations
 
+import contextvars
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -48,7 +49,7 @@ class FlowThread:
 
 def start_flow(flow_fn: Callable[..., Any], **parameters: Any) -> FlowThread:
     """Run a flow in a daemon thread; its pause (waiting for the code) blocks only that thread."""
-    holder = FlowThread(thread=threading.Thread(), started_at=datetime.now(timezone.utc))
+    holder = FlowThread(thread=threading.Thread(), started_at=datetime.now(UTC))
 
     def run() -> None:
         try:
@@ -56,7 +57,11 @@ def start_flow(flow_fn: Callable[..., Any], **parameters: Any) -> FlowThread:
         except BaseException as error:  # handed to the caller of wait()
             holder.error.append(error)
 
-    holder.thread = threading.Thread(target=run, name=f"flow-{getattr(flow_fn, 'name', 'run')}", daemon=True)
+    # Prefect's settings (e.g. a temporary API URL) live in context variables, which a new thread does not inherit.
+    context = contextvars.copy_context()
+    holder.thread = threading.Thread(
+        target=context.run, args=(run,), name=f"flow-{getattr(flow_fn, 'name', 'run')}", daemon=True
+    )
     holder.thread.start()
     return holder
 

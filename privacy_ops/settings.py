@@ -17,12 +17,18 @@ from pydantic import BaseModel, SecretStr
 
 # Setting name -> (environment variable, description). The README's configuration table is generated from this.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
-    "database_url": ("CELLCMS_DATABASE_URL", "CellCMS PostgreSQL, e.g. postgresql+psycopg://user:pw@host:5432/cellcms"),
+    "database_url": (
+        "CELLCMS_DATABASE_URL",
+        "CellCMS PostgreSQL, e.g. postgresql+psycopg://user:pw@host:5432/cellcms",
+    ),
     "s3_endpoint_url": ("CELLCMS_S3_ENDPOINT_URL", "S3 endpoint; empty for AWS itself"),
     "s3_region": ("CELLCMS_S3_REGION", "S3 region (default eu-central-1)"),
     "s3_access_key_id": ("CELLCMS_S3_ACCESS_KEY_ID", "S3 access key id; empty to use the default AWS chain"),
     "s3_secret_access_key": ("CELLCMS_S3_SECRET_ACCESS_KEY", "S3 secret access key"),
-    "content_bucket": ("CELLCMS_CONTENT_BUCKET", "versioned bucket holding CellCMS assets (default cellcms-content)"),
+    "content_bucket": (
+        "CELLCMS_CONTENT_BUCKET",
+        "versioned bucket holding CellCMS assets (default cellcms-content)",
+    ),
     "export_bucket": ("PRIVACY_OPS_EXPORT_BUCKET", "bucket for access packages (default cellcms-privacy-exports)"),
     "stripe_api_key": ("STRIPE_API_KEY", "Stripe secret key"),
     "stripe_api_base": ("STRIPE_API_BASE", "Stripe API address; empty for api.stripe.com"),
@@ -32,8 +38,14 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "smtp_password": ("SMTP_PASSWORD", "SMTP password"),
     "smtp_security": ("SMTP_SECURITY", "none | starttls | ssl (default starttls)"),
     "mail_from": ("PRIVACY_OPS_MAIL_FROM", "sender of every email (default privacy@cellcms.com)"),
-    "compliance_email": ("PRIVACY_OPS_COMPLIANCE_EMAIL", "compliance ops mailbox (default compliance@cellcms.com)"),
-    "secret_key": ("PRIVACY_OPS_SECRET_KEY", "key for pseudonyms, audit hashes and result encryption (>= 32 chars)"),
+    "compliance_email": (
+        "PRIVACY_OPS_COMPLIANCE_EMAIL",
+        "compliance ops mailbox (default compliance@cellcms.com)",
+    ),
+    "secret_key": (
+        "PRIVACY_OPS_SECRET_KEY",
+        "key for pseudonyms, audit hashes and result encryption (>= 32 chars)",
+    ),
     "datamap_path": ("PRIVACY_OPS_DATAMAP", "data map YAML (default datamap/cellcms.yaml)"),
 }
 

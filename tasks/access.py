@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from privacy_ops import export
+from privacy_ops.checks import SubjectIdentifiers
 from privacy_ops.lifecycle import audit, requests
 from privacy_ops.services import Services
 from privacy_ops.stores import postgres, stripe_store
@@ -53,8 +54,8 @@ def build_access_package(services: Services, request_id: str, account_ids: list[
             count = package.add_table(table.category, table.table, table.columns, table.rows)
             if count:
                 rows[table_name] = count
-        identifiers = postgres.collect_identifiers(connection, datamap, account_ids)
-        mentions = postgres.find_mentions(connection, datamap, identifiers, account_ids)
+        subject = SubjectIdentifiers.from_kinds(postgres.collect_identifiers(connection, datamap, account_ids))
+        mentions = postgres.find_mentions(connection, datamap, subject, account_ids)
         package.add_json(
             "mentions/where-you-are-mentioned.json",
             [{"table": m.table, "column": m.column, "rows": m.rows} for m in mentions],

@@ -6,6 +6,9 @@ request outcome get the verdict with names and counts only, never the values tha
 
 from __future__ import annotations
 
+import json
+import tempfile
+import zipfile
 from typing import Any
 
 import pandas as pd
@@ -17,6 +20,7 @@ from privacy_ops.stores import s3 as s3_store
 from privacy_ops.stores import stripe_store
 from tasks.access import AccessPackage
 from tasks.erasure import SubjectSnapshot
+from tasks.lifecycle import Located
 from tasks.step import step
 
 
@@ -33,12 +37,7 @@ def check_erasure(services: Services, request_id: str, snapshot: SubjectSnapshot
         for v in s3_store.list_versions(services.s3, bucket, prefix)
     ]
     s3_frame = pd.DataFrame(versions, columns=["key", "version_id", "is_delete_marker"])
-    subject = checks.SubjectIdentifiers.from_kinds(
-        snapshot.identifiers,
-        account_ids=snapshot.account_ids,
-        s3_prefixes=[prefix for _, prefix in snapshot.s3_locations],
-        stripe_ids=snapshot.stripe_customer_ids,
-    )
+    subject = snapshot.subject
     stripe_frame = stripe_store.customers_frame(
         services.stripe, customer_ids=snapshot.stripe_customer_ids, emails=sorted(subject.emails)
     )
@@ -50,11 +49,57 @@ def check_erasure(services: Services, request_id: str, snapshot: SubjectSnapshot
 
 @step(retries=0)
 def check_access_package(
-    services: Services, request_id: str, package: AccessPackage, account_ids: list[int]
+    services: Services, request_id: str, package: AccessPackage, located: Located
 ) -> dict[str, Any]:
-    """The package holds rows of the subject's accounts only, as many as locate counted."""
-    result = checks.access_package_checks(services.s3, package.bucket, package.key, set(account_ids))
-    return _record_verdict(services, request_id, "access_package", result)
+    """Read the package back from S3: its rows belong to the subject's accounts only, and every table holds as many
+    rows as locate counted."""
+    manifest = _manifest_of(services, package)
+    result = checks.access_package_checks(manifest, set(located.account_ids))
+    missing = [
+        checks.Failure(
+            "package", table, "rows_match_locate", abs(package.rows_per_table.get(table, 0) - rows), "rows"
+        )
+        for table, rows in located.postgres.items()
+        if package.rows_per_table.get(table, 0) != rows
+    ]
+    combined = checks.CheckResult(
+        result.suite, result.success and not missing, result.expectations + 1, (*result.failures, *missing)
+    )
+    return _record_verdict(services, request_id, "access_package", combined)
+
+
+def _manifest_of(services: Services, package: AccessPackage) -> pd.DataFrame:
+    """(table, category, account_id, rows) per table and owning account, read from the package itself. Tables whose
+    rows reach the account only through another table carry no account column: their account_id is null."""
+    datamap = services.datamap
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryFile() as spool:
+        services.s3.download_fileobj(package.bucket, package.key, spool)
+        spool.seek(0)
+        with zipfile.ZipFile(spool) as archive:
+            for table_name, spec in datamap.postgres.tables.items():
+                path = f"{spec.category.value}/{table_name}.json"
+                if path not in archive.namelist():
+                    continue
+                direct = [r.column for r in spec.reaches if r.through is None]
+                owner = direct[0] if len(direct) == len(spec.reaches) else None
+                counts: dict[Any, int] = {}
+                for row in json.loads(archive.read(path)):
+                    key = _account_id(row.get(owner)) if owner else None
+                    counts[key] = counts.get(key, 0) + 1
+                rows += [
+                    {"table": table_name, "category": spec.category.value, "account_id": account_id, "rows": n}
+                    for account_id, n in counts.items()
+                ]
+    return pd.DataFrame(rows, columns=["table", "category", "account_id", "rows"])
+
+
+def _account_id(value: Any) -> int:
+    """An account id as exported; another account's id is exported masked, which counts as -1 (never ours)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _record_verdict(services: Services, request_id: str, suite: str, result: checks.CheckResult) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select
 
-from privacy_ops.datamap.model import Kind
+from privacy_ops.checks import SubjectIdentifiers
 from privacy_ops.lifecycle import audit, requests
 from privacy_ops.lifecycle.schema import audit_log, subject_snapshots
-from privacy_ops.pii import Pii
+from privacy_ops.pii import Pii, pseudonym
 from privacy_ops.results import fernet
 from privacy_ops.services import Services
 from privacy_ops.stores import postgres, stripe_store
@@ -33,7 +33,7 @@ class SubjectSnapshot:
 
     account_ids: list[int]
     contact: Pii
-    identifiers: dict[Kind, set[str]]
+    subject: SubjectIdentifiers
     stripe_customer_ids: list[str]
     s3_locations: list[tuple[str, str]]
 
@@ -49,12 +49,18 @@ def snapshot_subject(services: Services, request_id: str, account_ids: list[int]
             snapshot: SubjectSnapshot = pickle.loads(fernet().decrypt(stored))
             return snapshot
         email = postgres.subject_email(connection, services.datamap, account_ids[0])
+        locations = s3_prefixes(services, account_ids)
         snapshot = SubjectSnapshot(
             account_ids=account_ids,
             contact=Pii(email or ""),
-            identifiers=postgres.collect_identifiers(connection, services.datamap, account_ids),
+            subject=SubjectIdentifiers.from_kinds(
+                postgres.collect_identifiers(connection, services.datamap, account_ids),
+                account_ids=account_ids,
+                s3_prefixes=[prefix for _, prefix in locations],
+                pseudonyms=[pseudonym(services.secret_key, account_id) for account_id in account_ids],
+            ),
             stripe_customer_ids=stripe_customer_ids(connection, services, account_ids),
-            s3_locations=s3_prefixes(services, account_ids),
+            s3_locations=locations,
         )
         connection.execute(
             insert(subject_snapshots).values(
@@ -91,7 +97,7 @@ def erase_postgres(services: Services, request_id: str, snapshot: SubjectSnapsho
             connection,
             services.datamap,
             account_ids=snapshot.account_ids,
-            identifiers=snapshot.identifiers,
+            subject=snapshot.subject,
             secret_key=services.secret_key,
             request_id=request_id,
         )
@@ -158,14 +164,22 @@ def erasure_summary(postgres: dict[str, Any], s3: dict[str, Any], stripe: dict[s
     retained = sum(t["retained"] for t in tables.values())
     summary: list[dict[str, Any]] = [
         {"store": "CellCMS database", "action": "deleted", "count": deleted},
-        {"store": "CellCMS database", "action": "anonymised", "count": anonymised,
-         "note": "content you wrote in other people's projects stays, no longer linked to you"},
+        {
+            "store": "CellCMS database",
+            "action": "anonymised",
+            "count": anonymised,
+            "note": "content you wrote in other people's projects stays, no longer linked to you",
+        },
         {"store": "Files", "action": "deleted (every version)", "count": s3["versions_deleted"]},
         {"store": "Billing (Stripe)", "action": "customer deleted", "count": stripe["customers_deleted"]},
     ]
     if retained:
         summary.append(
-            {"store": "Invoices", "action": "kept", "count": retained,
-             "note": "tax law requires invoices for up to 7 years; they no longer carry your name or email"}
+            {
+                "store": "Invoices",
+                "action": "kept",
+                "count": retained,
+                "note": "tax law requires invoices for up to 7 years; they no longer carry your name or email",
+            }
         )
     return summary

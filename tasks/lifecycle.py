@@ -120,9 +120,12 @@ def locate_subject(services: Services, request_id: str, email: Pii | None, accou
         counts = postgres.count_records(connection, datamap, account_ids) if account_ids else {}
         customer_ids = stripe_customer_ids(connection, services, account_ids)
     s3_objects = sum(
-        len(s3_store.list_versions(services.s3, bucket, prefix)) for bucket, prefix in s3_prefixes(services, account_ids)
+        len(s3_store.list_versions(services.s3, bucket, prefix))
+        for bucket, prefix in s3_prefixes(services, account_ids)
     )
-    stripe_customers = sum(1 for c in customer_ids if stripe_store.customer_summary(services.stripe, c) is not None)
+    stripe_customers = sum(
+        1 for c in customer_ids if stripe_store.customer_summary(services.stripe, c) is not None
+    )
     located = Located(account_ids, {t: n for t, n in counts.items() if n}, s3_objects, stripe_customers)
     with services.engine.begin() as connection:
         requests.set_accounts(connection, request_id, account_ids)
@@ -235,10 +238,18 @@ def check_code(services: Services, request_id: str, code: str, attempt: int) -> 
     with services.engine.begin() as connection:
         request = requests.get_request(connection, request_id)
         now = services.now()
-        result = verification.check_code(connection, secret_key=services.secret_key, request_id=request_id, code=code, now=now)
+        result = verification.check_code(
+            connection, secret_key=services.secret_key, request_id=request_id, code=code, now=now
+        )
         if result.attempts > attempt:  # this call counted an attempt (an operator may have verified meanwhile)
             outcome = f"attempt_{result.attempts}_{result.status.value}"
-            _record(connection, request, "verify", outcome, {"attempts": result.attempts, "attempts_left": result.attempts_left})
+            _record(
+                connection,
+                request,
+                "verify",
+                outcome,
+                {"attempts": result.attempts, "attempts_left": result.attempts_left},
+            )
         if result.status == VerificationStatus.verified:
             requests.set_status(connection, request_id, Status.verified)
     return result
@@ -302,8 +313,19 @@ def publish_request_artifact(services: Services, request_id: str) -> None:
     ]
     checks = request.outcome.get("checks")
     if checks:
-        lines.append(f"| Great Expectations | {'passed' if checks.get('success') else 'FAILED'} ({checks.get('expectations')} expectations) |")
-    lines += ["", "## Outcome per store", "", "```json", json.dumps({k: v for k, v in request.outcome.items() if k != "checks"}, indent=2, default=str), "```"]
+        lines.append(
+            f"| Great Expectations | {'passed' if checks.get('success') else 'FAILED'} ({checks.get('expectations')} expectations) |"
+        )
+    lines += [
+        "",
+        "## Outcome per store",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in request.outcome.items() if k != "checks"}, indent=2, default=str),
+        "```",
+    ]
     create_markdown_artifact(
-        key=f"request-{request.id.replace('_', '-')}", markdown="\n".join(lines), description=f"{request.id} {request.right.value}"
+        key=f"request-{request.id.replace('_', '-')}",
+        markdown="\n".join(lines),
+        description=f"{request.id} {request.right.value}",
     )

@@ -28,10 +28,9 @@ from flows.parameters import SubjectIntake
 from privacy_ops import checks
 from privacy_ops.lifecycle import audit
 from privacy_ops.lifecycle.requests import Status
-from privacy_ops.runner import code_from_mail, find_new_request, final_status, start_flow, submit_code
-from privacy_ops.services import reset_cache
+from privacy_ops.runner import code_from_mail, final_status, find_new_request, start_flow, submit_code
+from privacy_ops.services import reset_cache, services
 from privacy_ops.settings import Settings, load_settings
-from tasks.erasure import SubjectSnapshot
 
 ACCOUNTS = 40
 WAIT = 300
@@ -54,10 +53,18 @@ def cellcms(stack: Any, engine: Engine, s3: Any, stripe_client: stripe.StripeCli
     url = settings.database_url.get_secret_value()
     migrate(url)
     seed_sandbox(
-        url, s3, stripe_client, settings.content_bucket, ACCOUNTS,
-        reset=True, progress=False, s3_accounts=ACCOUNTS, stripe_accounts=ACCOUNTS,
+        url,
+        s3,
+        stripe_client,
+        settings.content_bucket,
+        ACCOUNTS,
+        reset=True,
+        progress=False,
+        s3_accounts=ACCOUNTS,
+        stripe_accounts=ACCOUNTS,
     )
     reset_cache()
+    services()  # creates the privacy_ops schema before any test polls it
     yield settings
     reset_cache()
 
@@ -69,14 +76,23 @@ def subjects(cellcms: Settings) -> list[int]:
     return found
 
 
+@pytest.fixture(scope="module")
+def people(subjects: list[int], engine: Engine) -> list[Person]:
+    """The people the tests act on, read before any test erases them."""
+    return [person(engine, account_id) for account_id in subjects[:4]]
+
+
 def person(engine: Engine, account_id: int) -> Person:
     with engine.connect() as connection:
         row = connection.execute(
             text("SELECT email, full_name, phone FROM accounts WHERE id = :id"), {"id": account_id}
         ).one()
-        ips = set(connection.execute(
-            text("SELECT DISTINCT host(ip_address) FROM access_logs WHERE account_id = :id"), {"id": account_id}
-        ).scalars())
+        ips = set(
+            connection.execute(
+                text("SELECT DISTINCT host(ip_address) FROM access_logs WHERE account_id = :id"),
+                {"id": account_id},
+            ).scalars()
+        )
         customer = connection.execute(
             text("SELECT stripe_customer_id FROM billing_profiles WHERE account_id = :id"), {"id": account_id}
         ).scalar_one_or_none()
@@ -89,13 +105,17 @@ def messages_for(read_mail: Callable[[], list[EmailMessage]], request_id: str) -
 
 
 def run_to_completion(
-    flow_fn: Any, right: str, engine: Engine, read_mail: Callable[[], list[EmailMessage]], intake: SubjectIntake,
+    flow_fn: Any,
+    right: str,
+    engine: Engine,
+    read_mail: Callable[[], list[EmailMessage]],
+    intake: SubjectIntake,
     codes: list[str] | None = None,
 ) -> str:
     """Start a request flow, answer its verification with `codes` (default: the emailed code), wait for it."""
     handle = start_flow(flow_fn, intake=intake, code_lifetime_hours=1)
     request_id = find_new_request(engine, right, handle.started_at)
-    for code in codes or [None]:
+    for code in [None] if codes is None else codes:
         if final_status(engine, request_id).status in (Status.denied, Status.completed, Status.no_data_held):
             break
         submit_code(engine, request_id, code or _emailed_code(read_mail, request_id))
@@ -123,7 +143,9 @@ def text_values(engine: Engine) -> Iterator[tuple[str, str, str]]:
             for column in inspector.get_columns(table, schema="public"):
                 name = column["name"]
                 rendered = f'host("{name}")' if str(column["type"]).upper() == "INET" else f'"{name}"::text'
-                for value in connection.execute(text(f'SELECT {rendered} FROM "{table}" WHERE "{name}" IS NOT NULL')).scalars():
+                for value in connection.execute(
+                    text(f'SELECT {rendered} FROM "{table}" WHERE "{name}" IS NOT NULL')
+                ).scalars():
                     yield table, name, value
 
 
@@ -135,26 +157,40 @@ def mentions(value: str, needle: str) -> bool:
 
 
 def test_access_package_holds_every_mapped_value_and_nobody_else(
-    cellcms: Settings, subjects: list[int], engine: Engine, s3: Any, read_mail: Callable[[], list[EmailMessage]]
+    cellcms: Settings, people: list[Person], engine: Engine, s3: Any, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
-    subject = person(engine, subjects[0])
+    subject = people[0]
     others = [person(engine, i) for i in range(1, ACCOUNTS + 1) if i != subject.account_id]
     with engine.connect() as connection:
-        planted = connection.execute(text(
-            "SELECT m.body FROM support_messages m JOIN support_tickets t ON t.id = m.ticket_id "
-            "WHERE t.account_id = :id AND m.body ILIKE '%' || :email || '%' LIMIT 1"
-        ), {"id": subject.account_id, "email": subject.email}).scalar_one()
-        chained = connection.execute(text(
-            "SELECT v.id FROM asset_versions v JOIN assets a ON a.id = v.asset_id JOIN projects p ON p.id = a.project_id "
-            "WHERE p.owner_account_id = :id"
-        ), {"id": subject.account_id}).scalars().all()
+        planted = connection.execute(
+            text(
+                "SELECT m.body FROM support_messages m JOIN support_tickets t ON t.id = m.ticket_id "
+                "WHERE t.account_id = :id AND m.body ILIKE '%' || :email || '%' LIMIT 1"
+            ),
+            {"id": subject.account_id, "email": subject.email},
+        ).scalar_one()
+        chained = (
+            connection.execute(
+                text(
+                    "SELECT v.id FROM asset_versions v JOIN assets a ON a.id = v.asset_id JOIN projects p ON p.id = a.project_id "
+                    "WHERE p.owner_account_id = :id"
+                ),
+                {"id": subject.account_id},
+            )
+            .scalars()
+            .all()
+        )
 
-    request_id = run_to_completion(access_request, "access", engine, read_mail, SubjectIntake(email=subject.email.upper()))
+    request_id = run_to_completion(
+        access_request, "access", engine, read_mail, SubjectIntake(email=subject.email.upper())
+    )
 
     request = final_status(engine, request_id)
     assert request.status == Status.completed
     package = request.outcome["access_package"]
-    archive = zipfile.ZipFile(io.BytesIO(s3.get_object(Bucket=package["bucket"], Key=package["key"])["Body"].read()))
+    archive = zipfile.ZipFile(
+        io.BytesIO(s3.get_object(Bucket=package["bucket"], Key=package["key"])["Body"].read())
+    )
     contents = {name: archive.read(name).decode("utf-8", "replace") for name in archive.namelist()}
     everything = "\n".join(contents.values())
     accounts = json.loads(contents["account/accounts.json"])
@@ -175,7 +211,9 @@ def test_access_package_holds_every_mapped_value_and_nobody_else(
     mail = messages_for(read_mail, request_id)
     assert sorted(mail) == sorted({*mail})  # each kind once
     assert len(mail) == 3  # acknowledgement, code, completion
-    completion = next(m for m in read_mail() if request_id in str(m["Subject"]) and "complete" in str(m["Subject"]))
+    completion = next(
+        m for m in read_mail() if request_id in str(m["Subject"]) and "complete" in str(m["Subject"])
+    )
     body = completion.get_body(preferencelist=("plain",))
     assert body is not None and "X-Amz-Signature" in body.get_content()  # the presigned link
 
@@ -184,7 +222,7 @@ def test_unknown_identity_is_answered_no_data_held(
     cellcms: Settings, engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
     request_id = run_to_completion(
-        access_request, "access", engine, read_mail, SubjectIntake(email="nobody-at-all@example.org")
+        access_request, "access", engine, read_mail, SubjectIntake(email="nobody-at-all@example.org"), codes=[]
     )
     assert final_status(engine, request_id).status == Status.no_data_held
     assert len(messages_for(read_mail, request_id)) == 1
@@ -194,19 +232,32 @@ def test_unknown_identity_is_answered_no_data_held(
 
 
 def test_erasure_leaves_no_identifier_anywhere_but_keeps_invoices_and_shared_content(
-    cellcms: Settings, subjects: list[int], engine: Engine, s3: Any, stripe_client: stripe.StripeClient,
+    cellcms: Settings,
+    people: list[Person],
+    engine: Engine,
+    s3: Any,
+    stripe_client: stripe.StripeClient,
     read_mail: Callable[[], list[EmailMessage]],
 ) -> None:
-    subject = person(engine, subjects[1])
+    subject = people[1]
     assert subject.stripe_customer_id is not None
     with engine.connect() as connection:
-        invoices = connection.execute(
-            text("SELECT id FROM invoices WHERE account_id = :id"), {"id": subject.account_id}
-        ).scalars().all()
-        shared = connection.execute(text(
-            "SELECT d.id FROM documents d JOIN projects p ON p.id = d.project_id "
-            "WHERE d.author_account_id = :id AND p.owner_account_id <> :id"
-        ), {"id": subject.account_id}).scalars().all()
+        invoices = (
+            connection.execute(text("SELECT id FROM invoices WHERE account_id = :id"), {"id": subject.account_id})
+            .scalars()
+            .all()
+        )
+        shared = (
+            connection.execute(
+                text(
+                    "SELECT d.id FROM documents d JOIN projects p ON p.id = d.project_id "
+                    "WHERE d.author_account_id = :id AND p.owner_account_id <> :id"
+                ),
+                {"id": subject.account_id},
+            )
+            .scalars()
+            .all()
+        )
     assert invoices and shared
 
     request_id = run_to_completion(
@@ -232,12 +283,18 @@ def test_erasure_leaves_no_identifier_anywhere_but_keeps_invoices_and_shared_con
             {"ids": invoices},
         ).all()
         purge = connection.execute(
-            text("SELECT count(*) FROM privacy_ops.retained_records WHERE request_id = :r AND purge_after > now()"),
+            text(
+                "SELECT count(*) FROM privacy_ops.retained_records WHERE request_id = :r AND purge_after > now()"
+            ),
             {"r": request_id},
         ).scalar_one()
-        documents = connection.execute(
-            text("SELECT author_account_id FROM documents WHERE id = ANY(:ids)"), {"ids": shared}
-        ).scalars().all()
+        documents = (
+            connection.execute(
+                text("SELECT author_account_id FROM documents WHERE id = ANY(:ids)"), {"ids": shared}
+            )
+            .scalars()
+            .all()
+        )
         chain = audit.verify(connection)
     assert len(kept) == len(invoices) and all(k.account_id is None and k.billing_name is None for k in kept)
     assert all(k.billing_email.startswith("psn_") for k in kept)
@@ -247,28 +304,36 @@ def test_erasure_leaves_no_identifier_anywhere_but_keeps_invoices_and_shared_con
     assert len(messages_for(read_mail, request_id)) == 3
 
 
-def test_a_planted_leftover_fails_the_suite(cellcms: Settings, subjects: list[int], engine: Engine) -> None:
-    subject = person(engine, subjects[1])  # erased by the previous test
+def test_a_planted_leftover_fails_the_suite(cellcms: Settings, people: list[Person], engine: Engine) -> None:
+    subject = people[1]  # erased by the previous test
     identifiers = checks.SubjectIdentifiers(
-        emails=frozenset({subject.email}), names=frozenset({subject.full_name}), account_ids=frozenset({subject.account_id})
+        emails=frozenset({subject.email}),
+        names=frozenset({subject.full_name}),
+        account_ids=frozenset({subject.account_id}),
     )
     with engine.begin() as connection:
         connection.execute(
-            text("UPDATE error_logs SET message = message || ' contact ' || :email WHERE id = (SELECT min(id) FROM error_logs)"),
+            text(
+                "UPDATE error_logs SET message = message || ' contact ' || :email WHERE id = (SELECT min(id) FROM error_logs)"
+            ),
             {"email": subject.email},
         )
     try:
         import pandas as pd
 
         result = checks.erasure_checks(
-            cellcms.database_url.get_secret_value(), load_datamap_for(cellcms), identifiers,
+            cellcms.database_url.get_secret_value(),
+            load_datamap_for(cellcms),
+            identifiers,
             pd.DataFrame(columns=["key", "version_id", "is_delete_marker"]),
             pd.DataFrame(columns=["id", "email", "name", "phone", "deleted"]),
         )
     finally:
         with engine.begin() as connection:
             connection.execute(
-                text("UPDATE error_logs SET message = replace(message, ' contact ' || :email, '') WHERE id = (SELECT min(id) FROM error_logs)"),
+                text(
+                    "UPDATE error_logs SET message = replace(message, ' contact ' || :email, '') WHERE id = (SELECT min(id) FROM error_logs)"
+                ),
                 {"email": subject.email},
             )
     assert not result.success
@@ -285,9 +350,13 @@ def load_datamap_for(settings: Settings) -> Any:
 def test_five_wrong_codes_deny_the_request(
     cellcms: Settings, subjects: list[int], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
-    subject = person(engine, subjects[2])
+    subject = people[2]
     request_id = run_to_completion(
-        erasure_request, "erasure", engine, read_mail, SubjectIntake(account_id=subject.account_id),
+        erasure_request,
+        "erasure",
+        engine,
+        read_mail,
+        SubjectIntake(account_id=subject.account_id),
         codes=["000000", "111111", "222222", "333333", "444444", "555555"],
     )
     request = final_status(engine, request_id)
@@ -308,7 +377,7 @@ def test_five_wrong_codes_deny_the_request(
 def test_a_failed_act_step_reruns_without_a_second_email(
     cellcms: Settings, subjects: list[int], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
-    subject = person(engine, subjects[3])
+    subject = people[3]
     # A table the data map does not know references the account: the erasure transaction must fail whole.
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE legacy_notes (account_id bigint REFERENCES accounts(id))"))
@@ -320,10 +389,15 @@ def test_a_failed_act_step_reruns_without_a_second_email(
         with engine.begin() as connection:
             connection.execute(text("DROP TABLE legacy_notes"))
     with engine.connect() as connection:
-        request_id = connection.execute(text(
-            "SELECT id FROM privacy_ops.requests WHERE right = 'erasure' ORDER BY received_at DESC LIMIT 1"
-        )).scalar_one()
-        assert connection.execute(text("SELECT count(*) FROM accounts WHERE id = :id"), {"id": subject.account_id}).scalar_one() == 1
+        request_id = connection.execute(
+            text("SELECT id FROM privacy_ops.requests WHERE right = 'erasure' ORDER BY received_at DESC LIMIT 1")
+        ).scalar_one()
+        assert (
+            connection.execute(
+                text("SELECT count(*) FROM accounts WHERE id = :id"), {"id": subject.account_id}
+            ).scalar_one()
+            == 1
+        )
     assert final_status(engine, request_id).status == Status.verified
 
     assert erasure_request(resume_request_id=request_id) == Status.completed.value

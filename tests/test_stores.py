@@ -165,7 +165,7 @@ def test_s3_errors_become_store_errors(s3: Any) -> None:
 def test_clients_from_settings(settings: Settings) -> None:
     assert "Buckets" in s3_store.client(settings).list_buckets()
     client = stripe_store.client(settings)
-    assert stripe_store.list_customers_frame(client).empty
+    assert stripe_store.customers_frame(client, customer_ids=["cus_unknown"], emails=["nobody@example.org"]).empty
 
 
 # ------------------------------------------------------------------------------------------------ Stripe helpers
@@ -261,7 +261,9 @@ def test_erase_customer_detaches_redacts_deletes_and_is_idempotent(
     )
     assert stripe_store.customer_summary(client, customer_id) is None
 
-    remaining = stripe_store.list_customers_frame(stripe_client)
+    remaining = stripe_store.customers_frame(
+        stripe_client, customer_ids=[customer_id, bystander], emails=["ann.lee@example.com"]
+    )
     assert list(remaining.columns) == ["id", "email", "name", "phone"]
     assert remaining["id"].tolist() == [bystander]
     assert "ann.lee@example.com" not in remaining["email"].tolist()

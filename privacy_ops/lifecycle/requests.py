@@ -164,8 +164,12 @@ def history_for_accounts(connection: Connection, account_ids: list[int]) -> list
     """The privacy requests that concerned these accounts (for the access package): ids, rights, dates, status."""
     rows = connection.execute(
         select(
-            requests.c.id, requests.c.right, requests.c.regulation, requests.c.status,
-            requests.c.received_at, requests.c.completed_at,
+            requests.c.id,
+            requests.c.right,
+            requests.c.regulation,
+            requests.c.status,
+            requests.c.received_at,
+            requests.c.completed_at,
         )
         .where(or_(*(requests.c.account_ids.contains([account_id]) for account_id in account_ids)))
         .order_by(requests.c.received_at)

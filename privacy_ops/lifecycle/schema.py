@@ -33,7 +33,9 @@ requests = Table(
     Column("flow_run_id", Text, unique=True),  # intake is idempotent per flow run
     Column("right", Text, nullable=False),  # access | erasure | ...
     Column("regulation", Text, nullable=False),  # GDPR | CCPA
-    Column("status", Text, nullable=False),  # received | awaiting_verification | verified | completed | denied | failed
+    Column(
+        "status", Text, nullable=False
+    ),  # received | awaiting_verification | verified | completed | denied | failed
     Column("subject_hash", Text, nullable=False),
     Column("account_ids", JSONB, nullable=False, server_default="[]"),  # found by locate; [] = no data held
     Column("received_at", TS, nullable=False),

@@ -78,7 +78,9 @@ def get_verification(connection: Connection, request_id: str) -> Verification | 
     return Verification(VerificationStatus(row.status), row.attempts, row.expires_at, row.method)
 
 
-def check_code(connection: Connection, *, secret_key: str, request_id: str, code: str, now: datetime) -> Verification:
+def check_code(
+    connection: Connection, *, secret_key: str, request_id: str, code: str, now: datetime
+) -> Verification:
     """Count one attempt and return the resulting state; a settled verification is returned unchanged."""
     row = connection.execute(
         select(verifications).where(verifications.c.request_id == request_id).with_for_update()
@@ -129,6 +131,8 @@ def expire(connection: Connection, *, request_id: str, now: datetime) -> None:
     """The code's lifetime ran out while the request waited: it can no longer be verified."""
     connection.execute(
         update(verifications)
-        .where(verifications.c.request_id == request_id, verifications.c.status == VerificationStatus.pending.value)
+        .where(
+            verifications.c.request_id == request_id, verifications.c.status == VerificationStatus.pending.value
+        )
         .values(status=VerificationStatus.expired.value, updated_at=now)
     )

@@ -7,7 +7,6 @@ or nothing.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from sqlalchemy import (
     delete,
     func,
     literal,
-    literal_column,
     select,
     union,
     update,
@@ -34,6 +32,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement, TableClause
 
+from privacy_ops.checks import SubjectIdentifiers, text_pattern
+from privacy_ops.datamap.loader import known_columns
 from privacy_ops.datamap.model import Column, DataMap, FieldAction, Kind, Reach, RowAction
 from privacy_ops.datamap.sql import account_ids_param, primary_key_in, reach_select, table_clause
 from privacy_ops.lifecycle.schema import retained_records
@@ -149,7 +149,7 @@ def export_table(connection: Connection, datamap: DataMap, table_name: str, acco
     """The subject's rows of one table, streamed from a server-side cursor (memory stays flat)."""
     spec = datamap.table(table_name)
     target = table_clause(datamap, table_name)
-    names = list(dict.fromkeys([*spec.primary_key, *spec.columns]))
+    names = known_columns(spec)  # primary key, reach columns (the link to the account) and mapped columns
     selected = [_export_expression(datamap, target, name, spec.columns.get(name)) for name in names]
     query = (
         select(*selected)
@@ -166,24 +166,6 @@ def export_table(connection: Connection, datamap: DataMap, table_name: str, acco
 # Mentions: the subject's identifiers in rows that are not theirs (free text, logs without an account)
 
 
-def identifier_pattern(identifiers: dict[Kind, set[str]]) -> str | None:
-    """A PostgreSQL regular expression matching any identifier that can appear in free text."""
-    values = sorted(
-        {
-            v
-            for kind in (Kind.email, Kind.name, Kind.phone, Kind.ip)
-            for v in identifiers.get(kind, ())
-            if len(v) >= 4
-        },
-        key=len,
-        reverse=True,
-    )
-    if not values:
-        return None
-    # In PostgreSQL AREs a backslash before any non-alphanumeric character makes it literal.
-    return "|".join(re.sub(r"([^0-9A-Za-z])", r"\\\1", v) for v in values)
-
-
 @dataclass(frozen=True)
 class Mention:
     table: str
@@ -192,11 +174,11 @@ class Mention:
 
 
 def find_mentions(
-    connection: Connection, datamap: DataMap, identifiers: dict[Kind, set[str]], account_ids: list[int]
+    connection: Connection, datamap: DataMap, subject: SubjectIdentifiers, account_ids: list[int]
 ) -> list[Mention]:
     """Rows outside the subject's own that still mention them: counted, never shown."""
     mentions = []
-    for table_name, column_name, condition, params in _mention_conditions(datamap, identifiers):
+    for table_name, column_name, condition, params in _mention_conditions(datamap, subject):
         target = table_clause(datamap, table_name)
         query = (
             select(func.count())
@@ -211,10 +193,11 @@ def find_mentions(
 
 
 def _mention_conditions(
-    datamap: DataMap, identifiers: dict[Kind, set[str]]
+    datamap: DataMap, subject: SubjectIdentifiers
 ) -> Iterator[tuple[str, str, Any, dict[str, Any]]]:
-    """(table, column, condition builder, parameters) for every column that can mention the subject."""
-    pattern = identifier_pattern(identifiers)
+    """(table, column, condition builder, parameters) for every column that can mention the subject: free text
+    matching the very pattern the Great Expectations checks search for, and identifier columns holding a value."""
+    pattern = text_pattern(subject)
     if pattern is not None:
         for table_name, column_name, _ in datamap.text_columns():
             yield (
@@ -224,7 +207,7 @@ def _mention_conditions(
                 {"pattern": pattern},
             )
     for table_name, column_name, spec in datamap.identifier_columns():
-        values = sorted(identifiers.get(spec.kind, ()))
+        values = sorted(subject.by_kind(spec.kind))
         if not values:
             continue
         if spec.kind == Kind.ip:
@@ -296,19 +279,18 @@ def erase_accounts(
     datamap: DataMap,
     *,
     account_ids: list[int],
-    identifiers: dict[Kind, set[str]],
+    subject: SubjectIdentifiers,
     secret_key: str,
     request_id: str,
     batch_size: int = BATCH_SIZE,
 ) -> Erasure:
     """Apply the map's erasure actions to every row of the accounts, then redact mentions elsewhere."""
     erasure = Erasure()
-    pattern = identifier_pattern(identifiers)
+    pattern = text_pattern(subject)
     params: dict[str, Any] = {
         "account_ids": account_ids,
         "pattern": pattern or "(?!)",
         "hash_key": secret_key,
-        "hash_purpose": "subject",
     }
     for table_name in erasure_order(datamap):
         counts = erasure.tables.setdefault(table_name, TableErasure())
@@ -327,7 +309,7 @@ def erase_accounts(
                     counts.retained += changed
                 else:
                     counts.anonymised += changed
-    for table_name, column_name, condition, condition_params in _mention_conditions(datamap, identifiers):
+    for table_name, column_name, condition, condition_params in _mention_conditions(datamap, subject):
         target = table_clause(datamap, table_name)
         spec = datamap.table(table_name).columns[column_name]
         new_value: Any = (

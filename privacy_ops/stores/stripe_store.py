@@ -161,17 +161,26 @@ def erase_customer(client: stripe.StripeClient, customer_id: str, request_id: st
     return StripeErasure(detached, customer_redacted=redacted, customer_deleted=True, already_gone=False)
 
 
-def list_customers_frame(client: stripe.StripeClient) -> pd.DataFrame:
-    """All remaining customers (id, email, name, phone), all pages; checked by Great Expectations after erasure."""
+def customers_frame(client: stripe.StripeClient, *, customer_ids: list[str], emails: list[str]) -> pd.DataFrame:
+    """The customers still holding the subject (id, email, name, phone): each known id retrieved, and any customer
+    listed under one of their emails. Checked by Great Expectations after erasure; scales with the subject, not
+    with the account (a real Stripe account has millions of customers)."""
     columns = ["id", "email", "name", "phone"]
-    rows = _call(
-        "list customers",
-        "all",
-        lambda: [
-            [_blank_to_none(c.get(col)) for col in columns]
-            for c in (obj.to_dict() for obj in client.v1.customers.list({"limit": 100}).auto_paging_iter())
-        ],
-    )
+    found: dict[str, dict[str, Any]] = {}
+    for customer_id in customer_ids:
+        customer = _retrieve_customer(client, customer_id)
+        if customer is not None:
+            found[customer["id"]] = customer
+    for email in emails:
+        listed = _call(
+            "list customers",
+            "by email",
+            lambda email=email: [
+                c.to_dict() for c in client.v1.customers.list({"email": email, "limit": 100}).auto_paging_iter()
+            ],
+        )
+        found.update((c["id"], c) for c in listed)
+    rows = [[_blank_to_none(c.get(col)) for col in columns] for c in found.values()]
     return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
