@@ -28,7 +28,7 @@ from flows.parameters import SubjectIntake
 from privacy_ops import checks
 from privacy_ops.lifecycle import audit
 from privacy_ops.lifecycle.requests import Status
-from privacy_ops.runner import code_from_mail, final_status, find_new_request, start_flow, submit_code
+from privacy_ops.runner import RunnerError, code_from_mail, final_status, find_new_request, start_flow, submit_code
 from privacy_ops.services import reset_cache, services
 from privacy_ops.settings import Settings, load_settings
 
@@ -348,17 +348,21 @@ def load_datamap_for(settings: Settings) -> Any:
 
 
 def test_five_wrong_codes_deny_the_request(
-    cellcms: Settings, subjects: list[int], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
+    cellcms: Settings, people: list[Person], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
     subject = people[2]
-    request_id = run_to_completion(
-        erasure_request,
-        "erasure",
-        engine,
-        read_mail,
-        SubjectIntake(account_id=subject.account_id),
-        codes=["000000", "111111", "222222", "333333", "444444", "555555"],
+    handle = start_flow(
+        erasure_request, intake=SubjectIntake(account_id=subject.account_id), code_lifetime_hours=1
     )
+    request_id = find_new_request(engine, "erasure", handle.started_at)
+    right_code = _emailed_code(read_mail, request_id)
+    wrong = [f"{n:06d}" for n in range(100000, 100010) if f"{n:06d}" != right_code][:5]
+    states = [submit_code(engine, request_id, code) for code in wrong]
+    assert [s.attempts_left for s in states] == [4, 3, 2, 1, 0]
+    assert states[-1].status.value == "denied"
+    with pytest.raises(RunnerError, match="denied|not waiting"):
+        submit_code(engine, request_id, right_code, timeout=30)  # a sixth attempt, even with the right code
+    handle.wait(WAIT)
     request = final_status(engine, request_id)
     assert request.status == Status.denied
     subjects_sent = messages_for(read_mail, request_id)
@@ -375,7 +379,7 @@ def test_five_wrong_codes_deny_the_request(
 
 
 def test_a_failed_act_step_reruns_without_a_second_email(
-    cellcms: Settings, subjects: list[int], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
+    cellcms: Settings, people: list[Person], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
     subject = people[3]
     # A table the data map does not know references the account: the erasure transaction must fail whole.
@@ -390,7 +394,7 @@ def test_a_failed_act_step_reruns_without_a_second_email(
             connection.execute(text("DROP TABLE legacy_notes"))
     with engine.connect() as connection:
         request_id = connection.execute(
-            text("SELECT id FROM privacy_ops.requests WHERE right = 'erasure' ORDER BY received_at DESC LIMIT 1")
+            text("SELECT id FROM privacy_ops.requests WHERE \"right\" = 'erasure' ORDER BY received_at DESC LIMIT 1")
         ).scalar_one()
         assert (
             connection.execute(
