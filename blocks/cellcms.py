@@ -7,8 +7,10 @@ For real deployments: set the environment variables once (README, "Configuration
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from typing import cast
+
 from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
 
 from privacy_ops.settings import Settings
 
@@ -95,11 +97,13 @@ def save_blocks(settings: Settings, name: str) -> list[str]:
 
 def settings_from_blocks(name: str) -> Settings:
     """Settings from the blocks saved under `name`."""
-    database = CellCMSDatabase.load(name)
-    storage = CellCMSStorage.load(name)
-    stripe = StripeAccount.load(name)
-    smtp = SmtpServer.load(name)
-    keys = PrivacyOpsKeys.load(name)
+    # Prefect's `load` is `@async_dispatch`ed, typed as "instance or coroutine"; called from sync code it returns
+    # the instance.
+    database = cast(CellCMSDatabase, CellCMSDatabase.load(name))
+    storage = cast(CellCMSStorage, CellCMSStorage.load(name))
+    stripe = cast(StripeAccount, StripeAccount.load(name))
+    smtp = cast(SmtpServer, SmtpServer.load(name))
+    keys = cast(PrivacyOpsKeys, PrivacyOpsKeys.load(name))
     return Settings(
         database_url=database.url,
         s3_endpoint_url=storage.endpoint_url,

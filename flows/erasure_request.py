@@ -1,8 +1,8 @@
 """Right to erasure (GDPR art. 17, CCPA right to delete): remove everything the law lets us remove, prove it.
 
-locate -> verify identity -> act (PostgreSQL, S3, Stripe per the data map) -> check (Great Expectations: none of the
-person's identifiers left anywhere) -> notify -> record. Billing records required by tax law stay, pseudonymised,
-with their purge date; content shared with collaborators stays with the author anonymised.
+locate -> verify identity -> act (PostgreSQL, S3, Stripe per the data map) -> check (Great Expectations: none of
+the person's identifiers left anywhere) -> notify -> record. Billing records required by tax law stay,
+pseudonymised, with their purge date; content shared with collaborators stays with the author anonymised.
 """
 
 from __future__ import annotations

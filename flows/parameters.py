@@ -19,12 +19,18 @@ class SubjectIntake(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: str | None = Field(
-        None, description="The requester's email address, as they gave it", pattern=EMAIL_PATTERN, max_length=320
+        default=None,
+        description="The requester's email address, as they gave it",
+        pattern=EMAIL_PATTERN,
+        max_length=320,
     )
-    account_id: int | None = Field(None, description="Or the CellCMS account id", gt=0)
-    regulation: Regulation = Field(Regulation.GDPR, description="GDPR (30-day deadline) or CCPA (45 days)")
+    account_id: int | None = Field(default=None, description="Or the CellCMS account id", gt=0)
+    regulation: Regulation = Field(default=Regulation.GDPR, description="GDPR (30-day deadline) or CCPA (45 days)")
     requested_by: str = Field(
-        "compliance-ops", description="Who took the request (operator or channel)", min_length=1, max_length=100
+        default="compliance-ops",
+        description="Who took the request (operator or channel)",
+        min_length=1,
+        max_length=100,
     )
 
     @model_validator(mode="after")

@@ -124,7 +124,8 @@ class SubjectIdentifiers:
         s3_prefixes: Iterable[str] = (),
         pseudonyms: Iterable[str] = (),
     ) -> SubjectIdentifiers:
-        """From identifier values grouped by the data map's kinds (as `stores.postgres.collect_identifiers` gives)."""
+        """From identifier values grouped by the data map's kinds (as `stores.postgres.collect_identifiers`
+        gives)."""
         grouped: dict[str, set[str]] = {}
         for kind, found in values.items():
             attribute = _VALUES_OF_KIND.get(kind)

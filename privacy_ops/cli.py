@@ -144,9 +144,9 @@ def _point_prefect_at_stack() -> None:
 
 request_app = typer.Typer(
     help=(
-        "Start a privacy request and follow it to the end in this terminal. The flow emails a one-time code to the "
-        "address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` (or "
-        "the Prefect UI's resume form)."
+        "Start a privacy request and follow it to the end in this terminal. The flow emails a one-time code to "
+        "the address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` "
+        "(or the Prefect UI's resume form)."
     ),
     short_help="Start an access or erasure request.",
     no_args_is_help=True,
@@ -173,8 +173,10 @@ def _run_request(
     intake = None
     if resume is None:
         try:
-            intake = SubjectIntake(
-                email=email, account_id=account_id, regulation=regulation, requested_by=requested_by
+            # model_validate: pydantic coerces the option's str to `Regulation` and reports a bad value as a
+            # ValidationError, like the constructor; the constructor's static signature wants the enum.
+            intake = SubjectIntake.model_validate(
+                {"email": email, "account_id": account_id, "regulation": regulation, "requested_by": requested_by}
             )
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())

@@ -71,9 +71,7 @@ def _run(flow_fn: Any, right: str, account_id: int, svc: Any, echo: Echo) -> Dem
     began = time.monotonic()
     handle = start_flow(flow_fn, intake=SubjectIntake(account_id=account_id, requested_by="privacy-ops demo"))
     request_id = find_new_request(svc.engine, right, handle.started_at)
-    echo(
-        f"{right} request {request_id} for account {account_id}: waiting for the code emailed to the address on file"
-    )
+    echo(f"{right} request {request_id} for account {account_id}: the code goes to the address on file")
     code = None
     deadline = time.monotonic() + 120
     while code is None and time.monotonic() < deadline:
@@ -99,7 +97,7 @@ def _report(access: DemoRequest, erasure: DemoRequest, svc: Any, echo: Echo) -> 
         located = request.outcome.get("locate", {})
         echo(
             f"{request.request_id} found: {sum(located.get('postgres', {}).values())} rows in "
-            f"{len(located.get('postgres', {}))} tables, {located.get('s3_object_versions', 0)} S3 object versions, "
+            f"{len(located.get('postgres', {}))} tables, {located.get('s3_objects', 0)} S3 object versions, "
             f"{located.get('stripe_customers', 0)} Stripe customer(s)"
         )
     package = access.outcome.get("access_package", {})
@@ -112,7 +110,8 @@ def _report(access: DemoRequest, erasure: DemoRequest, svc: Any, echo: Echo) -> 
         "erasure: "
         f"{sum(t['deleted'] for t in tables.values())} rows deleted, "
         f"{sum(t['anonymised'] + t['mentions_redacted'] for t in tables.values())} anonymised or redacted, "
-        f"{sum(t['retained'] for t in tables.values())} retained for tax law (pseudonymised, purge date recorded); "
+        f"{sum(t['retained'] for t in tables.values())} retained for tax law "
+        "(pseudonymised, purge date recorded); "
         f"S3 {erased.get('s3', {}).get('versions_deleted', 0)} versions + "
         f"{erased.get('s3', {}).get('delete_markers_deleted', 0)} delete markers removed; "
         f"Stripe {erased.get('stripe', {}).get('customers_deleted', 0)} customer(s) deleted"
@@ -120,11 +119,9 @@ def _report(access: DemoRequest, erasure: DemoRequest, svc: Any, echo: Echo) -> 
     for request in (access, erasure):
         checks = request.outcome.get("checks", {})
         verdict = "passed" if checks.get("success") else "FAILED"
-        echo(
-            f"Great Expectations ({checks.get('suite', '?')}): {verdict}, {checks.get('expectations', 0)} expectations"
-        )
+        suite, expectations = checks.get("suite", "?"), checks.get("expectations", 0)
+        echo(f"Great Expectations ({suite}): {verdict}, {expectations} expectations")
     with svc.engine.connect() as connection:
         chain = audit.verify(connection)
-    echo(
-        f"audit log: {chain.entries} entries, chain {'verifies' if chain.ok else 'BROKEN: ' + '; '.join(chain.problems)}"
-    )
+    state = "verifies" if chain.ok else "BROKEN: " + "; ".join(chain.problems)
+    echo(f"audit log: {chain.entries} entries, chain {state}")

@@ -1,8 +1,8 @@
 """Personal data that cannot leak by accident, and keyed hashes that stand in for it.
 
-`Pii` wraps an identity value (email, name, ...): str(), repr(), f-strings, logging and pickling without the key all
-print MASKED, so a Pii can be passed around, logged or raised in an exception without revealing anything. Code that
-must use the value (a SQL parameter, an SMTP recipient) calls `.reveal()`, which is easy to grep for.
+`Pii` wraps an identity value (email, name, ...): str(), repr(), f-strings, logging and pickling without the key
+all print MASKED, so a Pii can be passed around, logged or raised in an exception without revealing anything. Code
+that must use the value (a SQL parameter, an SMTP recipient) calls `.reveal()`, which is easy to grep for.
 `keyed_hash` is the one keyed hash of the project: audit-log subject hashes, pseudonyms and per-request tokens.
 Its SQL twin (`privacy_ops.stores.postgres.pseudonym_sql`) gives set-based updates the identical pseudonyms.
 """

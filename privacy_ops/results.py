@@ -1,4 +1,5 @@
-"""Encrypted persisted task results: what lets a retried flow run skip finished steps without storing data in clear.
+"""Encrypted persisted task results: what lets a retried flow run skip finished steps without storing data in
+clear.
 
 Prefect persists task results (cloudpickle) to result storage so that a retry of the same flow run skips the steps
 that finished. Those results may carry identifiers, so they are pickled, then encrypted with a Fernet key derived
@@ -25,7 +26,7 @@ def fernet() -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-class EncryptedPickleSerializer(Serializer):  # type: ignore[type-arg]
+class EncryptedPickleSerializer(Serializer):
     """cloudpickle, then Fernet (AES-128-CBC + HMAC-SHA256)."""
 
     type: Literal["privacy-ops-encrypted-pickle"] = "privacy-ops-encrypted-pickle"

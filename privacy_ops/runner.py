@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import Engine, select
 
@@ -95,7 +96,7 @@ def wait_until_awaiting_code(engine: Engine, request_id: str, timeout: float = 1
             raise RunnerError(f"request {request_id} is already {request.status.value}")
         if request.flow_run_id is not None:
             with get_client(sync_client=True) as client:
-                state = client.read_flow_run(request.flow_run_id).state
+                state = client.read_flow_run(UUID(request.flow_run_id)).state
             if state is not None and state.is_paused():
                 return
         time.sleep(0.5)
@@ -112,7 +113,7 @@ def submit_code(engine: Engine, request_id: str, code: str, timeout: float = 120
     if request.flow_run_id is None or before is None:
         raise RunnerError(f"request {request_id} is not waiting for a verification code")
     wait_until_awaiting_code(engine, request_id, timeout)
-    resume_flow_run(request.flow_run_id, run_input={"code": code})
+    resume_flow_run(UUID(request.flow_run_id), run_input={"code": code})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.connect() as connection:

@@ -1,9 +1,10 @@
 """Where every connection comes from: environment variables, else the running local stack.
 
 One place knows the names of the settings. Real deployments set the environment variables (or save Prefect blocks
-from them with `privacy-ops blocks save`, see `blocks/`); on a laptop `privacy-ops stack up` writes the addresses of
-the embedded stand-ins to `$PRIVACY_OPS_HOME/stack.json`, which fills whatever the environment leaves unset.
-A missing or malformed setting raises `ConfigError` with one line naming it; the CLI prints that line, no traceback.
+from them with `privacy-ops blocks save`, see `blocks/`); on a laptop `privacy-ops stack up` writes the addresses
+of the embedded stand-ins to `$PRIVACY_OPS_HOME/stack.json`, which fills whatever the environment leaves unset.
+A missing or malformed setting raises `ConfigError` with one line naming it; the CLI prints that line, no
+traceback.
 """
 
 from __future__ import annotations

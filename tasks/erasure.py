@@ -1,8 +1,8 @@
 """The erasure right's own steps: snapshot the identifiers, erase each store, prove nothing is left.
 
 Each store's step is idempotent: PostgreSQL erases in one transaction together with its audit entry (a rerun finds
-the entry and returns its counts), S3 purges converge by re-listing, Stripe calls carry idempotency keys and treat a
-missing customer as done.
+the entry and returns its counts), S3 purges converge by re-listing, Stripe calls carry idempotency keys and treat
+a missing customer as done.
 """
 
 from __future__ import annotations

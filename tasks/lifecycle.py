@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from prefect.runtime import flow_run
 from sqlalchemy import select
@@ -86,7 +87,7 @@ def _name_flow_run(run_id: str | None, name: str) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        client.update_flow_run(run_id, name=name)
+        client.update_flow_run(UUID(run_id), name=name)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,8 @@ def publish_request_artifact(services: Services, request_id: str) -> None:
     checks = request.outcome.get("checks")
     if checks:
         lines.append(
-            f"| Great Expectations | {'passed' if checks.get('success') else 'FAILED'} ({checks.get('expectations')} expectations) |"
+            f"| Great Expectations | {'passed' if checks.get('success') else 'FAILED'} "
+            f"({checks.get('expectations')} expectations) |"
         )
     lines += [
         "",

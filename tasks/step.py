@@ -24,7 +24,8 @@ def step(*, retries: int = 2, retry_delay_seconds: float = 5) -> Callable[[F], F
     """A persisted, retried, run-scoped step."""
 
     def decorate(fn: F) -> F:
-        return task(  # type: ignore[return-value]
+        # Prefect's `task` overloads omit `task(fn, **options)`, which its implementation accepts.
+        return task(  # type: ignore[call-overload]
             fn,
             persist_result=True,
             result_serializer=EncryptedPickleSerializer(),
@@ -38,4 +39,5 @@ def step(*, retries: int = 2, retry_delay_seconds: float = 5) -> Callable[[F], F
 
 def live_step(fn: F) -> F:
     """A step that must run every time (it reads state that changes between attempts)."""
-    return task(fn, cache_policy=NO_CACHE, persist_result=False)  # type: ignore[return-value]
+    # Prefect's `task` overloads omit `task(fn, **options)`, which its implementation accepts.
+    return task(fn, cache_policy=NO_CACHE, persist_result=False)  # type: ignore[call-overload]

@@ -172,7 +172,8 @@ def test_access_package_holds_every_mapped_value_and_nobody_else(
         chained = (
             connection.execute(
                 text(
-                    "SELECT v.id FROM asset_versions v JOIN assets a ON a.id = v.asset_id JOIN projects p ON p.id = a.project_id "
+                    "SELECT v.id FROM asset_versions v JOIN assets a ON a.id = v.asset_id "
+                    "JOIN projects p ON p.id = a.project_id "
                     "WHERE p.owner_account_id = :id"
                 ),
                 {"id": subject.account_id},
@@ -314,7 +315,8 @@ def test_a_planted_leftover_fails_the_suite(cellcms: Settings, people: list[Pers
     with engine.begin() as connection:
         connection.execute(
             text(
-                "UPDATE error_logs SET message = message || ' contact ' || :email WHERE id = (SELECT min(id) FROM error_logs)"
+                "UPDATE error_logs SET message = message || ' contact ' || :email "
+                "WHERE id = (SELECT min(id) FROM error_logs)"
             ),
             {"email": subject.email},
         )
@@ -332,7 +334,8 @@ def test_a_planted_leftover_fails_the_suite(cellcms: Settings, people: list[Pers
         with engine.begin() as connection:
             connection.execute(
                 text(
-                    "UPDATE error_logs SET message = replace(message, ' contact ' || :email, '') WHERE id = (SELECT min(id) FROM error_logs)"
+                    "UPDATE error_logs SET message = replace(message, ' contact ' || :email, '') "
+                    "WHERE id = (SELECT min(id) FROM error_logs)"
                 ),
                 {"email": subject.email},
             )
@@ -360,7 +363,7 @@ def test_five_wrong_codes_deny_the_request(
     states = [submit_code(engine, request_id, code) for code in wrong]
     assert [s.attempts_left for s in states] == [4, 3, 2, 1, 0]
     assert states[-1].status.value == "denied"
-    with pytest.raises(RunnerError, match="denied|not waiting"):
+    with pytest.raises(RunnerError, match=r"denied|not waiting"):
         submit_code(engine, request_id, right_code, timeout=30)  # a sixth attempt, even with the right code
     handle.wait(WAIT)
     request = final_status(engine, request_id)
@@ -394,7 +397,9 @@ def test_a_failed_act_step_reruns_without_a_second_email(
             connection.execute(text("DROP TABLE legacy_notes"))
     with engine.connect() as connection:
         request_id = connection.execute(
-            text("SELECT id FROM privacy_ops.requests WHERE \"right\" = 'erasure' ORDER BY received_at DESC LIMIT 1")
+            text(
+                "SELECT id FROM privacy_ops.requests WHERE \"right\" = 'erasure' ORDER BY received_at DESC LIMIT 1"
+            )
         ).scalar_one()
         assert (
             connection.execute(

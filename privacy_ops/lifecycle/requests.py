@@ -1,7 +1,7 @@
 """Request records: intake, status changes and deadlines, shared by every right.
 
-All functions take a SQLAlchemy Connection and run in the caller's transaction: the caller (a task) owns the commit,
-so a request change and its audit entry land together or not at all.
+All functions take a SQLAlchemy Connection and run in the caller's transaction: the caller (a task) owns the
+commit, so a request change and its audit entry land together or not at all.
 """
 
 from __future__ import annotations

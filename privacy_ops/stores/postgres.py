@@ -77,7 +77,7 @@ def _reached_keys(datamap: DataMap, table_name: str, reaches: Iterable[int] | No
     """The primary keys of every row of the table reaching the accounts, over the chosen reaches (default all)."""
     indexes = list(reaches) if reaches is not None else range(len(datamap.table(table_name).reaches))
     selects = [reach_select(datamap, table_name, i) for i in indexes]
-    return selects[0] if len(selects) == 1 else union(*selects).subquery().select()  # type: ignore[return-value]
+    return selects[0] if len(selects) == 1 else union(*selects).subquery().select()
 
 
 def count_records(connection: Connection, datamap: DataMap, account_ids: list[int]) -> dict[str, int]:
@@ -311,10 +311,10 @@ def erase_accounts(
                     counts.anonymised += changed
     for table_name, column_name, condition, condition_params in _mention_conditions(datamap, subject):
         target = table_clause(datamap, table_name)
-        spec = datamap.table(table_name).columns[column_name]
+        column_spec = datamap.table(table_name).columns[column_name]
         new_value: Any = (
             func.regexp_replace(target.c[column_name], bindparam("pattern", type_=Text), REDACTED, "gi")
-            if spec.kind == Kind.free_text
+            if column_spec.kind == Kind.free_text
             else None
         )
         result = connection.execute(
@@ -369,7 +369,6 @@ def _anonymise(
 ) -> int:
     """One set-based UPDATE of the reached rows, joined to the account id each row reaches (for pseudonyms)."""
     spec = datamap.table(table_name)
-    reach = spec.reaches[index]
     target = table_clause(datamap, table_name)
     batch = reach_select(datamap, table_name, index, with_account_id=True).subquery("batch")
     values = _assignments(target, spec.columns, batch.c.account_id)

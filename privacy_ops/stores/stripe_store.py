@@ -172,13 +172,13 @@ def customers_frame(client: stripe.StripeClient, *, customer_ids: list[str], ema
         if customer is not None:
             found[customer["id"]] = customer
     for email in emails:
-        listed = _call(
-            "list customers",
-            "by email",
-            lambda email=email: [
+
+        def list_by_email(email: str = email) -> list[dict[str, Any]]:
+            return [
                 c.to_dict() for c in client.v1.customers.list({"email": email, "limit": 100}).auto_paging_iter()
-            ],
-        )
+            ]
+
+        listed = _call("list customers", "by email", list_by_email)
         found.update((c["id"], c) for c in listed)
     rows = [[_blank_to_none(c.get(col)) for col in columns] for c in found.values()]
     return pd.DataFrame(rows, columns=columns, dtype=object)
