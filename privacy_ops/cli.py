@@ -392,12 +392,36 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, StackError, DataMapError, RequestNotFound, RunnerError, NotificationError, StoreError)
 
 
+def _unreachable(error: BaseException) -> str | None:
+    """One line for a server that cannot be reached (database, S3, Stripe, SMTP), or None if it is not that."""
+    from botocore.exceptions import EndpointConnectionError
+    from sqlalchemy.exc import OperationalError
+    from stripe import APIConnectionError
+
+    if isinstance(error, OperationalError):
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else "unreachable"
+        return f"cannot reach the CellCMS database (CELLCMS_DATABASE_URL): {reason}"
+    if isinstance(error, EndpointConnectionError):
+        return "cannot reach S3 (CELLCMS_S3_ENDPOINT_URL): connection failed"
+    if isinstance(error, APIConnectionError):
+        return "cannot reach Stripe (STRIPE_API_BASE): connection failed"
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return f"a server could not be reached: {error.__class__.__name__}"
+    return None
+
+
 def main() -> None:
     """Console entry point: run the app; expected failures become one line on stderr and exit code 1."""
     try:
         app(prog_name="privacy-ops")
     except _expected_errors() as error:
         typer.echo(f"error: {error}", err=True)
+        raise SystemExit(1) from None
+    except Exception as error:
+        line = _unreachable(error)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
         raise SystemExit(1) from None
 
 

@@ -381,6 +381,31 @@ def test_five_wrong_codes_deny_the_request(
     assert still_there == 1
 
 
+def test_an_expired_code_denies_the_request(
+    cellcms: Settings, people: list[Person], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
+) -> None:
+    subject = people[2]  # still there: their previous request was denied
+    handle = start_flow(
+        erasure_request, intake=SubjectIntake(account_id=subject.account_id), code_lifetime_hours=0.001
+    )
+    request_id = find_new_request(engine, "erasure", handle.started_at)
+    assert handle.wait(WAIT) == Status.denied.value  # nobody entered the code within its 3.6 s
+    with pytest.raises(RunnerError):
+        submit_code(engine, request_id, _emailed_code(read_mail, request_id), timeout=10)
+    with engine.connect() as connection:
+        state = connection.execute(
+            text("SELECT status FROM privacy_ops.verifications WHERE request_id = :r"), {"r": request_id}
+        ).scalar_one()
+        remaining = connection.execute(
+            text("SELECT count(*) FROM accounts WHERE id = :id"), {"id": subject.account_id}
+        ).scalar_one()
+    assert state == "expired" and remaining == 1
+    denial = [m for m in read_mail() if request_id in str(m["Subject"]) and "could not" in str(m["Subject"])]
+    assert len(denial) == 1
+    body = denial[0].get_body(preferencelist=("plain",))
+    assert body is not None and "expired" in body.get_content()
+
+
 def test_a_failed_act_step_reruns_without_a_second_email(
     cellcms: Settings, people: list[Person], engine: Engine, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
