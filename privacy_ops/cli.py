@@ -369,6 +369,19 @@ def blocks_save(
         typer.echo(f"saved {slug}")
 
 
+@app.command("deploy")
+def deploy(
+    work_pool: Annotated[str, typer.Option(help="The process work pool (created if missing).")] = "privacy-ops",
+) -> None:
+    """Deploy every flow to the Prefect server; then run a worker: `prefect worker start --pool privacy-ops`."""
+    _point_prefect_at_stack()
+    from deployments.deploy import deploy_all
+
+    for name in deploy_all(work_pool):
+        typer.echo(f"deployed {name}")
+    typer.echo(f"start a worker (from this directory): prefect worker start --pool {work_pool}")
+
+
 @app.command("demo")
 def demo(
     accounts: Annotated[int, typer.Option(help="How many synthetic accounts to seed.", min=20)] = 1000,

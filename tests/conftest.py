@@ -206,3 +206,34 @@ def reset_services(stack: StackInfo) -> None:
     from privacy_ops.stack import reset_service_data
 
     reset_service_data(stack)
+
+
+SEEDED_ACCOUNTS = 40  # accounts 1..10 carry every hard case; 21..24 the retention cases (cellcms_sandbox)
+
+
+@pytest.fixture(scope="module")
+def cellcms(stack: StackInfo, s3: S3Client, stripe_client: stripe.StripeClient) -> Iterator[Settings]:
+    """A freshly seeded sandbox CellCMS for one test module: 40 accounts, all with S3 files and (when paying)
+    Stripe billing; the privacy_ops schema exists. Returns the settings the flows resolve."""
+    from cellcms_sandbox.database import migrate
+    from cellcms_sandbox.generator import seed_sandbox
+    from privacy_ops.services import reset_cache, services
+
+    settings = load_settings()
+    url = settings.database_url.get_secret_value()
+    migrate(url)
+    seed_sandbox(
+        url,
+        s3,
+        stripe_client,
+        settings.content_bucket,
+        SEEDED_ACCOUNTS,
+        reset=True,
+        progress=False,
+        s3_accounts=SEEDED_ACCOUNTS,
+        stripe_accounts=SEEDED_ACCOUNTS,
+    )
+    reset_cache()
+    services()  # creates the privacy_ops schema before any test polls it
+    yield settings
+    reset_cache()

@@ -19,8 +19,6 @@ import pytest
 import stripe
 from sqlalchemy import Engine, inspect, text
 
-from cellcms_sandbox.database import migrate
-from cellcms_sandbox.generator import seed_sandbox
 from cellcms_sandbox.hard_cases import demo_subjects
 from flows.access_request import access_request
 from flows.erasure_request import erasure_request
@@ -29,10 +27,9 @@ from privacy_ops import checks
 from privacy_ops.lifecycle import audit
 from privacy_ops.lifecycle.requests import Status
 from privacy_ops.runner import RunnerError, code_from_mail, final_status, find_new_request, start_flow, submit_code
-from privacy_ops.services import reset_cache, services
-from privacy_ops.settings import Settings, load_settings
+from privacy_ops.settings import Settings
+from tests.conftest import SEEDED_ACCOUNTS
 
-ACCOUNTS = 40
 WAIT = 300
 
 
@@ -44,29 +41,6 @@ class Person:
     phone: str | None
     ips: set[str]
     stripe_customer_id: str | None
-
-
-@pytest.fixture(scope="module")
-def cellcms(stack: Any, engine: Engine, s3: Any, stripe_client: stripe.StripeClient) -> Iterator[Settings]:
-    """A freshly seeded sandbox CellCMS (40 accounts, all with S3 files and Stripe billing where paying)."""
-    settings = load_settings()
-    url = settings.database_url.get_secret_value()
-    migrate(url)
-    seed_sandbox(
-        url,
-        s3,
-        stripe_client,
-        settings.content_bucket,
-        ACCOUNTS,
-        reset=True,
-        progress=False,
-        s3_accounts=ACCOUNTS,
-        stripe_accounts=ACCOUNTS,
-    )
-    reset_cache()
-    services()  # creates the privacy_ops schema before any test polls it
-    yield settings
-    reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +134,7 @@ def test_access_package_holds_every_mapped_value_and_nobody_else(
     cellcms: Settings, people: list[Person], engine: Engine, s3: Any, read_mail: Callable[[], list[EmailMessage]]
 ) -> None:
     subject = people[0]
-    others = [person(engine, i) for i in range(1, ACCOUNTS + 1) if i != subject.account_id]
+    others = [person(engine, i) for i in range(1, SEEDED_ACCOUNTS + 1) if i != subject.account_id]
     with engine.connect() as connection:
         planted = connection.execute(
             text(

@@ -18,8 +18,8 @@ from sqlalchemy import Engine, create_engine, text
 
 from cellcms_sandbox.database import migrate
 from cellcms_sandbox.generator import seed_sandbox
+from tests.conftest import SEEDED_ACCOUNTS
 
-SEEDED_ACCOUNTS = 40  # as tests/test_flows.py seeds them (seed 42, today's midnight)
 ALLOWED = {("flow_run", "parameters")}  # the intake form, typed by a person
 
 

@@ -1,0 +1,70 @@
+"""Deployments of every flow to a `process` work pool: what compliance ops start from the Prefect UI.
+
+`privacy-ops deploy` calls `deploy_all`. Each deployment loads its flow from this project's directory, so a worker
+started from the same checkout (or an image of it) runs it. Parameters are the flows' typed models, so the UI
+renders forms and the server rejects invalid input before a run starts. A deployed request run waiting for its
+verification code is suspended: it holds no worker until the code is entered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORK_POOL = "privacy-ops"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    entrypoint: str  # path:function, relative to the project root
+    description: str
+    tags: tuple[str, ...]
+
+
+DEPLOYMENTS: tuple[Deployment, ...] = (
+    Deployment(
+        "access-request",
+        "flows/access_request.py:access_request",
+        "Right of access / right to know: a copy of every mapped record, delivered by an expiring link.",
+        ("privacy-request", "access"),
+    ),
+    Deployment(
+        "erasure-request",
+        "flows/erasure_request.py:erasure_request",
+        "Right to erasure / right to delete: remove everything the law lets us remove, then prove it.",
+        ("privacy-request", "erasure"),
+    ),
+)
+
+
+def ensure_work_pool(name: str = WORK_POOL) -> None:
+    """Create the process work pool if it does not exist yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    # Already there: nothing to do.
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+
+def deploy_all(work_pool: str = WORK_POOL) -> list[str]:
+    """Create or update every deployment; returns their full names ("flow/deployment")."""
+    from prefect import Flow
+
+    ensure_work_pool(work_pool)
+    names = []
+    for deployment in DEPLOYMENTS:
+        flow = Flow.from_source(source=str(PROJECT_ROOT), entrypoint=deployment.entrypoint)
+        flow.deploy(
+            name=deployment.name,
+            work_pool_name=work_pool,
+            description=deployment.description,
+            tags=list(deployment.tags),
+            print_next_steps=False,
+        )
+        names.append(f"{flow.name}/{deployment.name}")
+    return names
