@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "privacy-ops"
@@ -58,7 +59,8 @@ def deploy_all(work_pool: str = WORK_POOL) -> list[str]:
     ensure_work_pool(work_pool)
     names = []
     for deployment in DEPLOYMENTS:
-        flow = Flow.from_source(source=str(PROJECT_ROOT), entrypoint=deployment.entrypoint)
+        # Called from synchronous code, from_source returns the flow itself (its type also admits a coroutine).
+        flow = cast(Flow[..., Any], Flow.from_source(source=str(PROJECT_ROOT), entrypoint=deployment.entrypoint))
         flow.deploy(
             name=deployment.name,
             work_pool_name=work_pool,
