@@ -227,8 +227,8 @@ def verify(
     """Enter a request's verification code, or record an operator's verification (--verified-by NAME --reason)."""
     _point_prefect_at_stack()
     from privacy_ops.lifecycle import audit, verification
-    from privacy_ops.lifecycle.requests import get_request
-    from privacy_ops.runner import PLACEHOLDER_CODE, submit_code
+    from privacy_ops.lifecycle.requests import Status, get_request, set_status
+    from privacy_ops.runner import continue_after_operator_verification, submit_code
     from privacy_ops.services import services
 
     svc = services()
@@ -240,6 +240,7 @@ def verify(
             verification.record_operator_verification(
                 connection, request_id=request_id, verified_by=verified_by, reason=reason, now=svc.now()
             )
+            set_status(connection, request_id, Status.verified)
             audit.record(
                 connection,
                 step="verify",
@@ -248,8 +249,10 @@ def verify(
                 subject_hash=request.subject_hash,
                 details={"operator": verified_by, "reason": reason},
             )
-        code = PLACEHOLDER_CODE
-    elif code is None:
+        outcome = continue_after_operator_verification(svc.engine, request_id)
+        typer.echo(f"{request_id}: verified by {verified_by}; {outcome}")
+        return
+    if code is None:
         raise typer.BadParameter("give the CODE, or --verified-by NAME --reason TEXT")
     state = submit_code(svc.engine, request_id, code)
     if state.status == verification.VerificationStatus.pending:

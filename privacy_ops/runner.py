@@ -124,6 +124,28 @@ def submit_code(engine: Engine, request_id: str, code: str, timeout: float = 120
     raise RunnerError(f"request {request_id}: the flow did not check the code within {timeout:.0f} s")
 
 
+def continue_after_operator_verification(engine: Engine, request_id: str, timeout: float = 60) -> str:
+    """After an operator recorded a verification: resume the run if it waits for a code, else let it be (it reads
+    the verification before it would wait). Returns what happened, for the operator."""
+    from prefect import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = final_status(engine, request_id)
+        if request.status in request_records.FINAL or request.flow_run_id is None:
+            return f"request {request_id} is {request.status.value}"
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(request.flow_run_id)).state
+        if state is not None and state.is_paused():
+            resume_flow_run(UUID(request.flow_run_id), run_input={"code": PLACEHOLDER_CODE})
+            return f"request {request_id} resumed"
+        if state is not None and state.is_final():
+            return f"request {request_id}: its flow run is {state.type.value.lower()}"
+        time.sleep(0.5)
+    return f"request {request_id}: verification recorded; its run continues on its own"
+
+
 def final_status(engine: Engine, request_id: str) -> request_records.Request:
     with engine.connect() as connection:
         return request_records.get_request(connection, request_id)

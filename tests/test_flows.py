@@ -418,3 +418,35 @@ def test_a_failed_act_step_reruns_without_a_second_email(
     assert chain.ok, chain.problems
     assert steps.count(("act", "postgres_erased")) == 1
     assert steps[-1] == ("complete", "completed")
+
+
+def test_an_operator_can_verify_by_other_means_with_a_reason(
+    cellcms: Settings, people: list[Person], engine: Engine
+) -> None:
+    from typer.testing import CliRunner
+
+    from privacy_ops.cli import app
+
+    subject = people[0]
+    handle = start_flow(access_request, intake=SubjectIntake(account_id=subject.account_id), code_lifetime_hours=1)
+    request_id = find_new_request(engine, "access", handle.started_at)
+    refused = CliRunner().invoke(app, ["verify", request_id, "--verified-by", "alice"])
+    assert refused.exit_code != 0 and "--reason" in refused.output  # the reason is mandatory
+
+    result = CliRunner().invoke(
+        app, ["verify", request_id, "--verified-by", "alice", "--reason", "passport checked at the front desk"]
+    )
+    assert result.exit_code == 0, result.output
+    assert handle.wait(WAIT) == Status.completed.value
+    with engine.connect() as connection:
+        entries = audit.entries_for_request(connection, request_id)
+        method = connection.execute(
+            text("SELECT method, verified_by, reason FROM privacy_ops.verifications WHERE request_id = :r"),
+            {"r": request_id},
+        ).one()
+    operator = [e for e in entries if e.outcome == "verified_by_operator"]
+    assert len(operator) == 1 and operator[0].details == {
+        "operator": "alice",
+        "reason": "passport checked at the front desk",
+    }
+    assert tuple(method) == ("operator", "alice", "passport checked at the front desk")
