@@ -7,19 +7,23 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.lifecycle import answer_no_data, deny, start, verify_identity
+from flows.lifecycle import REQUEST_FLOW, answer_no_data, deny, start, verify_identity
 from flows.parameters import SubjectIntake
 from privacy_ops.lifecycle.requests import Right, Status
-from privacy_ops.results import EncryptedPickleSerializer
 from privacy_ops.services import services as connect
 from tasks.access import build_access_package
 from tasks.checks import check_access_package
-from tasks.lifecycle import contact_address, finish_request, notify_subject, publish_request_artifact
+from tasks.lifecycle import (
+    contact_address,
+    finish_request,
+    notify_subject,
+    publish_request_artifact,
+)
 
 RIGHT = Right.access
 
 
-@flow(name="access-request", persist_result=True, result_serializer=EncryptedPickleSerializer())
+@flow(name="access-request", **REQUEST_FLOW)
 def access_request(
     intake: SubjectIntake | None = None, resume_request_id: str | None = None, code_lifetime_hours: float = 24
 ) -> str:

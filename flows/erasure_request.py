@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.lifecycle import answer_no_data, deny, start, verify_identity
+from flows.lifecycle import REQUEST_FLOW, answer_no_data, deny, start, verify_identity
 from flows.parameters import SubjectIntake
 from privacy_ops.lifecycle.requests import Right, Status
-from privacy_ops.results import EncryptedPickleSerializer
 from privacy_ops.services import services as connect
 from tasks.checks import check_erasure
 from tasks.erasure import (
@@ -28,7 +27,7 @@ from tasks.lifecycle import finish_request, notify_subject, publish_request_arti
 RIGHT = Right.erasure
 
 
-@flow(name="erasure-request", persist_result=True, result_serializer=EncryptedPickleSerializer())
+@flow(name="erasure-request", **REQUEST_FLOW)
 def erasure_request(
     intake: SubjectIntake | None = None, resume_request_id: str | None = None, code_lifetime_hours: float = 24
 ) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.exceptions import FlowPauseTimeout
@@ -20,6 +21,7 @@ from flows.parameters import SubjectIntake
 from privacy_ops.lifecycle.requests import Right, Status
 from privacy_ops.lifecycle.verification import VerificationStatus
 from privacy_ops.pii import Pii
+from privacy_ops.results import EncryptedPickleSerializer
 from privacy_ops.services import Services
 from tasks.lifecycle import (
     Located,
@@ -31,11 +33,20 @@ from tasks.lifecycle import (
     notify_subject,
     open_request,
     publish_request_artifact,
+    record_failure,
     send_verification_code,
     verification_state,
 )
 
 CODE_PATTERN = r"^\s*\d{6}\s*$"
+
+# Every request flow: results persisted encrypted (a retried run skips finished steps; a suspended run resumes at
+# its wait), and a failed run marks its request failed in the audit log.
+REQUEST_FLOW: dict[str, Any] = {
+    "persist_result": True,
+    "result_serializer": EncryptedPickleSerializer(),
+    "on_failure": [record_failure],
+}
 
 
 class VerificationCode(RunInput):

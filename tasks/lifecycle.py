@@ -7,6 +7,7 @@ cache cannot help (a new flow run resuming an old request).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -21,9 +22,11 @@ from flows.parameters import SubjectIntake
 from privacy_ops.lifecycle import audit, notify, requests, verification
 from privacy_ops.lifecycle.requests import Request, Right, Status
 from privacy_ops.lifecycle.schema import notifications
+from privacy_ops.lifecycle.schema import requests as requests_table
 from privacy_ops.lifecycle.verification import Verification, VerificationStatus
 from privacy_ops.pii import Pii, subject_hash
 from privacy_ops.services import Services
+from privacy_ops.services import services as current_services
 from privacy_ops.stores import postgres, stripe_store
 from privacy_ops.stores import s3 as s3_store
 from tasks.step import live_step, step
@@ -331,3 +334,21 @@ def publish_request_artifact(services: Services, request_id: str) -> None:
         markdown="\n".join(lines),
         description=f"{request.id} {request.right.value}",
     )
+
+
+def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook: a request whose run failed is marked failed and audited (the error's class only, never its
+    message), so `privacy-ops requests` shows it and a resumed run picks it up."""
+    services = current_services()
+    with services.engine.begin() as connection:
+        request_id = connection.execute(
+            select(requests_table.c.id).where(requests_table.c.flow_run_id == str(flow_run.id))
+        ).scalar_one_or_none()
+        if request_id is None:
+            return
+        request = requests.get_request(connection, request_id)
+        requests.set_status(connection, request_id, Status.failed)
+        error = "unknown"
+        with contextlib.suppress(Exception):  # a result that cannot be loaded leaves "unknown"
+            error = type(state.result(raise_on_failure=False)).__name__
+        _record(connection, request, "run", "failed", {"error": error}, once=False)
