@@ -84,6 +84,14 @@ class SeedReport:
     # so they overlap and add up to more than `seconds`.
     timings: dict[str, float] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for people: what was seeded, how fast."""
+        return (
+            f"seeded {self.accounts:,} accounts: {self.total_rows:,} rows ({self.rows_per_second:,.0f} rows/s), "
+            f"{self.s3_object_versions:,} S3 object versions, {self.stripe_customers:,} Stripe customers "
+            f"in {self.seconds:.1f} s"
+        )
+
     @property
     def total_rows(self) -> int:
         return sum(self.rows.values())

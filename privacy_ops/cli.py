@@ -350,7 +350,7 @@ def seed(
     report = seed_sandbox(
         url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, seed=seed_value, reset=reset, progress=True
     )
-    typer.echo(str(report))
+    typer.echo(report.summary())
 
 
 blocks_app = typer.Typer(help="Prefect blocks holding the connections for deployed workers.", no_args_is_help=True)

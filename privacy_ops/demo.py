@@ -45,7 +45,7 @@ def run_demo(accounts: int, echo: Echo) -> None:
     report = seed_sandbox(
         url, svc.s3, svc.stripe, svc.settings.content_bucket, accounts, reset=True, progress=True
     )
-    echo(f"  {report}")
+    echo(f"  {report.summary()}")
     warnings = check_against_database(svc.datamap, svc.engine, svc.settings.datamap_path)
     echo(f"data map checked against the live database: ok ({len(warnings)} unmapped column(s) noted)")
     people = demo_subjects(url, limit=2)
