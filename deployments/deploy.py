@@ -9,6 +9,7 @@ verification code is suspended: it holds no worker until the code is entered.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -17,12 +18,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "privacy-ops"
 
 
+# The nightly schedule: configurable, in the data's own time zone (CellCMS stores data in the EU).
+RETENTION_CRON = os.environ.get("PRIVACY_OPS_RETENTION_CRON", "0 2 * * *")
+RETENTION_TIMEZONE = os.environ.get("PRIVACY_OPS_RETENTION_TIMEZONE", "Europe/Berlin")
+
+
 @dataclass(frozen=True)
 class Deployment:
     name: str
     entrypoint: str  # path:function, relative to the project root
     description: str
     tags: tuple[str, ...]
+    cron: str | None = None  # runs on this schedule (in RETENTION_TIMEZONE) besides manual runs
 
 
 DEPLOYMENTS: tuple[Deployment, ...] = (
@@ -37,6 +44,13 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         "flows/erasure_request.py:erasure_request",
         "Right to erasure / right to delete: remove everything the law lets us remove, then prove it.",
         ("privacy-request", "erasure"),
+    ),
+    Deployment(
+        "nightly-retention",
+        "flows/nightly_retention.py:nightly_retention",
+        "Every time limit of the privacy policy, enforced set-based and verified; manual runs may be dry runs.",
+        ("retention",),
+        cron=RETENTION_CRON,
     ),
 )
 
@@ -55,6 +69,7 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
 def deploy_all(work_pool: str = WORK_POOL) -> list[str]:
     """Create or update every deployment; returns their full names ("flow/deployment")."""
     from prefect import Flow
+    from prefect.schedules import Cron
 
     ensure_work_pool(work_pool)
     names = []
@@ -66,6 +81,7 @@ def deploy_all(work_pool: str = WORK_POOL) -> list[str]:
             work_pool_name=work_pool,
             description=deployment.description,
             tags=list(deployment.tags),
+            schedules=[Cron(deployment.cron, timezone=RETENTION_TIMEZONE)] if deployment.cron else None,
             print_next_steps=False,
         )
         names.append(f"{flow.name}/{deployment.name}")

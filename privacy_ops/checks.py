@@ -50,6 +50,7 @@ __all__ = [
     "SubjectIdentifiers",
     "access_package_checks",
     "erasure_checks",
+    "retention_checks",
     "text_pattern",
 ]
 
@@ -680,3 +681,123 @@ def access_package_checks(manifest: pd.DataFrame, account_ids: set[int]) -> Chec
         )
 
     return _gx_run("access_package", body, {})
+
+
+def _retention_plans(datamap: DataMap, rules: Iterable[str], as_of: Any) -> list[tuple[str, str, list[_Spec]]]:
+    """(asset name, SQL, specs) per retention rule over PostgreSQL: built from the rule's own selection.
+
+    - leftover: the rule's selection (what has expired, not held, not yet acted on) must be empty; each leftover
+      row is one unexpected value, so the count says how many;
+    - anonymised rows (anonymise_columns): every row past the clock, held ones excepted, has each column
+      anonymised: IPs truncated (prefix length at most /24, /48), set_null columns null, redact_contacts columns
+      free of email and IP addresses.
+    The SQL carries dates and the rule's literals only, never a person's value.
+    """
+    from sqlalchemy import Text, bindparam, case, func, literal, select
+    from sqlalchemy.dialects import postgresql
+
+    from privacy_ops.datamap.model import Anonymiser, RetentionAction
+    from privacy_ops.datamap.sql import table_clause
+    from privacy_ops.retention import (
+        CONTACT_PATTERN,
+        Clock,
+        _conditions,
+        _ip_prefix,
+        _not_held_row,
+        selection,
+    )
+
+    def sql(statement: Any) -> str:
+        compiled = statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        return str(compiled)
+
+    clock = Clock(datamap, as_of)
+    assert datamap.retention is not None
+    plans: list[tuple[str, str, list[_Spec]]] = []
+    for name in rules:
+        rule = datamap.retention.rules[name]
+        if rule.table is None:
+            continue
+        _, _, keys = selection(clock, rule)
+        leftover = select(literal(1).label("leftover")).select_from(
+            keys.params(contact_pattern=CONTACT_PATTERN).subquery()
+        )
+        plans.append(
+            (f"{name}.leftover", sql(leftover), [_Spec("leftover", "leftover", "ExpectColumnValuesToBeNull")])
+        )
+        if rule.action == RetentionAction.anonymise_columns:
+            target = table_clause(datamap, rule.table)
+            columns: list[Any] = []
+            specs: list[_Spec] = []
+            for column, anonymiser in rule.columns.items():
+                value = target.c[column]
+                if anonymiser == Anonymiser.truncate_ip:
+                    truncated = case((value.is_(None), True), else_=func.masklen(value) <= _ip_prefix(value))
+                    columns.append(truncated.label(column))
+                    specs.append(_Spec("anonymised", column, "ExpectColumnValuesToBeInSet", {"value_set": [True]}))
+                elif anonymiser == Anonymiser.set_null:
+                    columns.append(value.label(column))
+                    specs.append(_Spec("anonymised", column, "ExpectColumnValuesToBeNull"))
+                else:
+                    has_contact = func.coalesce(
+                        value.op("~")(bindparam("pattern", CONTACT_PATTERN, type_=Text, literal_execute=True)),
+                        False,
+                    )
+                    columns.append(has_contact.label(column))
+                    specs.append(
+                        _Spec("anonymised", column, "ExpectColumnValuesToBeInSet", {"value_set": [False]})
+                    )
+            spec = datamap.table(rule.table)
+            past_clock = select(*columns).where(
+                _conditions(clock, rule, target), _not_held_row(clock, target, spec)
+            )
+            plans.append((f"{name}.anonymised", sql(past_clock), specs))
+    return plans
+
+
+def retention_checks(
+    database_url: str,
+    datamap: DataMap,
+    rules: Iterable[str],
+    as_of: Any,
+    s3_leftovers: pd.DataFrame | None = None,
+) -> CheckResult:
+    """Prove that after a retention run nothing past its limit remains and anonymised rows hold no personal data.
+
+    One suite per rule over PostgreSQL (see `_retention_plans`); `s3_leftovers` (column `folder`, one row per
+    export folder past its period still holding a version) must be empty. Reads only; results carry names and
+    counts, never values.
+    """
+    plans = _retention_plans(datamap, list(rules), as_of)
+
+    def body(context: Any) -> tuple[int, list[Failure]]:
+        postgres = context.data_sources.add_postgres(
+            "cellcms", connection_string="${" + _DATABASE_URL_VARIABLE + "}", kwargs={"hide_parameters": True}
+        )
+        engine = postgres.get_execution_engine().engine
+        count, failures = 0, []
+        try:
+            _fetch_no_rows_of(engine, {query for _, query, _ in plans})
+            for asset_name, query, specs in plans:
+                batch = postgres.add_query_asset(asset_name, query=query).add_batch_definition_whole_table("all")
+                failures += _run_suite(context, f"retention.{asset_name}", asset_name, batch, specs)
+                count += len(specs)
+        finally:
+            engine.dispose()
+            postgres.get_engine().dispose()
+        if s3_leftovers is not None:
+            specs = [_Spec("leftover", "folder", "ExpectColumnValuesToBeNull")]
+            batch = context.data_sources.add_pandas("listings").add_dataframe_asset("s3_exports")
+            batch = batch.add_batch_definition_whole_dataframe("all")
+            failures += _run_suite(
+                context,
+                "retention.s3_exports",
+                "s3_exports",
+                batch,
+                specs,
+                batch_parameters={"dataframe": s3_leftovers},
+            )
+            count += len(specs)
+        return count, failures
+
+    return _gx_run("retention", body, {_DATABASE_URL_VARIABLE: database_url})

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from privacy_ops.cli_retention import holds_app, retention_app
 from privacy_ops.settings import ConfigError, state_dir
 from privacy_ops.stack import (
     SERVICES,
@@ -281,6 +282,9 @@ def list_requests_command(
             f"({r.days_left} days left)"
         )
 
+
+app.add_typer(retention_app, name="retention")
+app.add_typer(holds_app, name="hold")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Audit, data map, sandbox, blocks, demo

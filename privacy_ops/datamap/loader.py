@@ -22,7 +22,20 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine, Inspector
 
-from privacy_ops.datamap.model import DataMap, Reach, S3Location, StripeCustomer, Subject, Table
+from privacy_ops.datamap.model import (
+    ACCOUNT_ACTIONS,
+    ROW_ACTIONS,
+    Anonymiser,
+    DataMap,
+    Kind,
+    Reach,
+    RetentionAction,
+    RetentionRule,
+    S3Location,
+    StripeCustomer,
+    Subject,
+    Table,
+)
 from privacy_ops.settings import Settings
 
 # A position in the YAML document: mapping keys as str, sequence indexes as int.
@@ -242,10 +255,12 @@ class _Parts:
     tables: dict[str, Table | None] = field(default_factory=dict)  # None: present, but invalid
     s3: dict[str, S3Location | None] = field(default_factory=dict)
     stripe: StripeCustomer | None = None
+    retention: dict[str, RetentionRule | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, datamap: DataMap) -> _Parts:
-        return cls(datamap.subject, dict(datamap.postgres.tables), dict(datamap.s3), datamap.stripe)
+        rules: dict[str, RetentionRule | None] = dict(datamap.retention.rules) if datamap.retention else {}
+        return cls(datamap.subject, dict(datamap.postgres.tables), dict(datamap.s3), datamap.stripe, rules)
 
     @classmethod
     def salvage(cls, data: Any) -> _Parts:
@@ -262,6 +277,10 @@ class _Parts:
         if isinstance(s3, Mapping):
             parts.s3 = {str(name): _try(S3Location, spec) for name, spec in s3.items()}
         parts.stripe = _try(StripeCustomer, data.get("stripe"))
+        retention = data.get("retention")
+        rules = retention.get("rules") if isinstance(retention, Mapping) else None
+        if isinstance(rules, Mapping):
+            parts.retention = {str(name): _try(RetentionRule, spec) for name, spec in rules.items()}
         return parts
 
 
@@ -344,7 +363,75 @@ def _semantic_problems(parts: _Parts, source: _Source) -> list[Problem]:
                 f"'{location.bucket_setting}' is not a setting (privacy_ops.settings.Settings); "
                 f"bucket settings: {', '.join(buckets)}",
             )
+    for name, rule in parts.retention.items():
+        if rule is not None:
+            problems.extend(_retention_problems(name, rule, parts, source, buckets))
     return problems
+
+
+def retention_columns(rule: RetentionRule) -> list[tuple[str, str, YamlPath]]:
+    """(table, column, path below the rule) of every column a retention rule names."""
+    named: list[tuple[str, str, YamlPath]] = []
+    if rule.table is not None:
+        for key, column in (("clock_column", rule.clock_column), ("flag_column", rule.flag_column)):
+            if column is not None:
+                named.append((rule.table, column, (key,)))
+        if rule.younger_than is not None:
+            named.append((rule.table, rule.younger_than.column, ("younger_than", "column")))
+        named.extend((rule.table, column, ("columns", column)) for column in rule.columns)
+    if (consent := rule.without_consent) is not None:
+        for key in ("category_column", "granted_column"):
+            named.append((consent.table, getattr(consent, key), ("without_consent", key)))
+    return named
+
+
+def account_column(table: Table) -> str | None:
+    """The column of `table` holding an account id directly (a reach without `through`), if any."""
+    return next((r.column for r in table.reaches if r.through is None), None)
+
+
+def _retention_problems(
+    name: str, rule: RetentionRule, parts: _Parts, source: _Source, buckets: list[str]
+) -> Iterator[Problem]:
+    path: YamlPath = ("retention", "rules", name)
+    subject_table = parts.subject.table if parts.subject is not None else None
+    if rule.action in ACCOUNT_ACTIONS and subject_table is not None and rule.table != subject_table:
+        yield source.problem((*path, "table"), f"{rule.action} selects accounts: table must be {subject_table}")
+    for table_name in filter(None, [rule.table, rule.without_consent.table if rule.without_consent else None]):
+        if table_name not in parts.tables:
+            key = "table" if table_name == rule.table else "without_consent"
+            yield source.problem((*path, key), f"'{table_name}' is not a table of the data map (postgres.tables)")
+    for table_name, column, at in retention_columns(rule):
+        table = parts.tables.get(table_name)
+        if table is not None and column not in known_columns(table):
+            yield source.problem((*path, *at), f"'{column}' is not a column of {table_name} in the data map")
+    table = parts.tables.get(rule.table) if rule.table else None
+    if table is not None:
+        for column, anonymiser in rule.columns.items():
+            spec = table.columns.get(column)
+            if anonymiser == Anonymiser.truncate_ip and spec is not None and spec.kind != Kind.ip:
+                yield source.problem(
+                    (*path, "columns", column), f"truncate_ip needs a column of kind ip, not {spec.kind}"
+                )
+            if column in table.primary_key:
+                yield source.problem((*path, "columns", column), "a primary key column cannot be anonymised")
+        if rule.action in ROW_ACTIONS and rule.without_consent is not None and account_column(table) is None:
+            yield source.problem(
+                (*path, "without_consent"),
+                f"{rule.table} has no reach holding an account id: consent cannot apply",
+            )
+    if rule.action == RetentionAction.erase_categories:
+        used = {t.category for t in parts.tables.values() if t is not None}
+        for index, category in enumerate(rule.categories):
+            if category not in used:
+                yield source.problem(
+                    (*path, "categories", index), f"no table of the data map has category {category}"
+                )
+    if rule.bucket_setting is not None and rule.bucket_setting not in buckets:
+        yield source.problem(
+            (*path, "bucket_setting"),
+            f"'{rule.bucket_setting}' is not a bucket setting; bucket settings: {', '.join(buckets)}",
+        )
 
 
 def _through_problems(
@@ -421,6 +508,12 @@ def _check_table(
     ]
     if table.retention is not None:
         named.append((table.retention.clock_column, (*path, "retention", "clock_column")))
+    for rule_name, rule in datamap.retention.rules.items() if datamap.retention else ():
+        named.extend(
+            (column, ("retention", "rules", rule_name, *at))
+            for table_name, column, at in retention_columns(rule)
+            if table_name == name
+        )
     problems.extend(
         source.problem(at, "no such column", f"{name}.{column}")
         for column, at in named

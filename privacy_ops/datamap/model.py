@@ -144,6 +144,105 @@ class StripeCustomer(Strict):
     erasure: RowAction = RowAction.delete_row
 
 
+class RetentionAction(StrEnum):
+    """What a retention rule does with what has expired."""
+
+    erase_account = "erase_account"  # the whole erasure map: every row, S3 prefix and Stripe customer
+    erase_categories = "erase_categories"  # the erasure map restricted to `categories` (and their S3 locations)
+    delete_rows = "delete_rows"  # delete the expired rows of `table`
+    anonymise_columns = "anonymise_columns"  # keep the rows, apply `columns` (an Anonymiser each)
+    purge_objects = "purge_objects"  # every version of the S3 objects under `prefix` older than the period
+    expire_requests = "expire_requests"  # privacy requests whose identity verification expired: denied
+
+
+class Anonymiser(StrEnum):
+    """How `anonymise_columns` makes one column of an expired row anonymous; each is idempotent."""
+
+    truncate_ip = "truncate_ip"  # IPv4 to its /24 network, IPv6 to its /48
+    set_null = "set_null"
+    redact_contacts = "redact_contacts"  # email and IP addresses in free text replaced by [redacted]
+
+
+class AgeLimit(Strict):
+    """Accounts of people younger than `years` on the run's date, by a birth-date column."""
+
+    column: str
+    years: Annotated[int, Field(gt=0, le=100)]
+
+
+class ConsentCondition(Strict):
+    """Rows of accounts that have no granted consent of `category` in `table` (e.g. the analytics cookie)."""
+
+    table: str
+    category_column: str = "category"
+    category: str
+    granted_column: str = "granted"
+
+
+# Account-level actions select accounts (rows of the subject table); the others select rows of `table`.
+ACCOUNT_ACTIONS = frozenset({RetentionAction.erase_account, RetentionAction.erase_categories})
+ROW_ACTIONS = frozenset({RetentionAction.delete_rows, RetentionAction.anonymise_columns})
+
+
+class RetentionRule(Strict):
+    """One time limit of the policy: what it selects, as of a date, and what happens at expiry.
+
+    A row (account) is selected when ANY of the conditions given holds: its `clock_column` is older than
+    `period_days`; (accounts) its `younger_than` birth date is under the age, or its `flag_column` is true;
+    (rows) its account lacks the `without_consent` consent. Held accounts and rows are never selected.
+    """
+
+    description: str
+    action: RetentionAction
+    table: str | None = None  # the subject table for account-level actions, the table of the rows otherwise
+    clock_column: str | None = None
+    period_days: Annotated[int, Field(gt=0, le=36500)] | None = None
+    younger_than: AgeLimit | None = None
+    flag_column: str | None = None
+    without_consent: ConsentCondition | None = None
+    categories: list[Category] = []  # erase_categories
+    columns: dict[str, Anonymiser] = {}  # anonymise_columns
+    bucket_setting: str | None = None  # purge_objects: a Settings field naming the bucket
+    prefix: str = ""  # purge_objects
+    notify_subject: bool = False  # email the account's address before erasing it (recorded as a count)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RetentionRule:
+        if (self.clock_column is None) != (self.period_days is None) and self.action != "purge_objects":
+            raise ValueError("clock_column and period_days go together")
+        conditions = [self.clock_column, self.younger_than, self.flag_column, self.without_consent]
+        if self.action in ACCOUNT_ACTIONS | ROW_ACTIONS:
+            if self.table is None:
+                raise ValueError(f"action {self.action} needs a table")
+            if not any(c is not None for c in conditions):
+                raise ValueError(
+                    "a rule needs a condition: clock_column + period_days, younger_than, flag_column or "
+                    "without_consent"
+                )
+        if self.action in ACCOUNT_ACTIONS and self.without_consent is not None:
+            raise ValueError("without_consent selects rows, not accounts: use delete_rows or anonymise_columns")
+        if self.action in ROW_ACTIONS and (self.younger_than is not None or self.flag_column is not None):
+            raise ValueError("younger_than and flag_column select accounts: use erase_account or erase_categories")
+        if (self.action == RetentionAction.erase_categories) != bool(self.categories):
+            raise ValueError("categories are required with, and only with, action: erase_categories")
+        if (self.action == RetentionAction.anonymise_columns) != bool(self.columns):
+            raise ValueError("columns are required with, and only with, action: anonymise_columns")
+        if self.action == RetentionAction.purge_objects and (
+            self.bucket_setting is None or self.period_days is None
+        ):
+            raise ValueError("purge_objects needs bucket_setting and period_days")
+        if self.notify_subject and self.action != RetentionAction.erase_account:
+            raise ValueError("notify_subject is only for erase_account")
+        return self
+
+
+class RetentionPolicy(Strict):
+    """The nightly retention rules, applied in the order written; names appear in audit keys and reports."""
+
+    batch_size: Annotated[int, Field(gt=0, le=100_000)] = 1000
+    rules: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")], RetentionRule]
+
+
 class Postgres(Strict):
     schema_: str = Field("public", alias="schema")
     tables: dict[str, Table]
@@ -155,6 +254,7 @@ class DataMap(Strict):
     postgres: Postgres
     s3: dict[str, S3Location] = {}
     stripe: StripeCustomer | None = None
+    retention: RetentionPolicy | None = None
 
     def table(self, name: str) -> Table:
         return self.postgres.tables[name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     Integer,
@@ -119,6 +120,28 @@ subject_snapshots = Table(
     Column("request_id", Text, primary_key=True),
     Column("payload", LargeBinary, nullable=False),
     Column("created_at", TS, nullable=False),
+)
+
+# Legal holds (litigation, tax audit): a held account, or one held row (table + primary key as retained_records
+# writes it, "a,b" for composite keys), is skipped by every retention rule until the hold is lifted. Never deleted:
+# a lifted hold keeps lifted_at, so the history stays.
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("account_id", BigInteger, index=True),
+    Column("table_name", Text),
+    Column("row_key", Text),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", Text, nullable=False),
+    Column("placed_at", TS, nullable=False),
+    Column("lifted_by", Text),
+    Column("lifted_at", TS),
+    CheckConstraint(
+        "(account_id IS NOT NULL AND table_name IS NULL AND row_key IS NULL)"
+        " OR (account_id IS NULL AND table_name IS NOT NULL AND row_key IS NOT NULL)",
+        name="legal_holds_account_or_row",
+    ),
 )
 
 

@@ -283,8 +283,14 @@ def erase_accounts(
     secret_key: str,
     request_id: str,
     batch_size: int = BATCH_SIZE,
+    redact_mentions: bool = True,
 ) -> Erasure:
-    """Apply the map's erasure actions to every row of the accounts, then redact mentions elsewhere."""
+    """Apply the map's erasure actions to every row of the accounts, then redact mentions elsewhere.
+
+    `redact_mentions=False` skips the last pass (identifiers in rows that are not the accounts' own, searched in
+    every free-text and identifier column of the whole database): bulk retention erases hundreds of accounts per
+    call, and that pass scans every mapped table with a regex of all their identifiers.
+    """
     erasure = Erasure()
     pattern = text_pattern(subject)
     params: dict[str, Any] = {
@@ -309,7 +315,9 @@ def erase_accounts(
                     counts.retained += changed
                 else:
                     counts.anonymised += changed
-    for table_name, column_name, condition, condition_params in _mention_conditions(datamap, subject):
+    for table_name, column_name, condition, condition_params in (
+        _mention_conditions(datamap, subject) if redact_mentions else ()
+    ):
         target = table_clause(datamap, table_name)
         column_spec = datamap.table(table_name).columns[column_name]
         new_value: Any = (

@@ -1,0 +1,442 @@
+"""Nightly retention against the real local stack: each rule's end state in PostgreSQL, S3 and Stripe, legal holds,
+dry run = real run, resume after a crash without double counting, the Great Expectations proof, bad input.
+
+The sandbox is seeded once for this module (40 accounts); tests run in file order and build on each other: the
+first ones change nothing, the main run acts, later ones look at its end state. The clock is the `as_of` date;
+accounts are moved in time by setting their deleted_at relative to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stripe
+from sqlalchemy import Engine, text
+
+from cellcms_sandbox.database import migrate
+from cellcms_sandbox.generator import seed_sandbox
+from flows.nightly_retention import RetentionRun, nightly_retention
+from privacy_ops import checks, retention
+from privacy_ops.datamap import load_datamap
+from privacy_ops.datamap.loader import DataMapError
+from privacy_ops.lifecycle import holds
+from privacy_ops.services import reset_cache, services
+from privacy_ops.settings import Settings, load_settings
+
+ACCOUNTS = 40
+TODAY = datetime.now(UTC).date()
+RESUMED_RUN = "test-resumed-run"
+
+
+@dataclasses.dataclass
+class Plan:
+    """Accounts the tests put in known states before the run."""
+
+    deleted_long_ago: list[int]  # deleted 40 days before as_of: erased
+    with_stripe: int  # one of them, with a Stripe customer and S3 objects
+    deleted_recently: int  # deleted 10 days before as_of: inside the period, untouched
+    held: int  # deleted 40 days ago but under legal hold: untouched
+    minors: list[int]
+    stripe_customer: str
+    hold_id: int = 0
+
+
+@pytest.fixture(scope="module")
+def cellcms(stack: Any, engine: Engine, s3: Any, stripe_client: stripe.StripeClient) -> Iterator[Settings]:
+    settings = load_settings()
+    url = settings.database_url.get_secret_value()
+    migrate(url)
+    seed_sandbox(
+        url,
+        s3,
+        stripe_client,
+        settings.content_bucket,
+        ACCOUNTS,
+        reset=True,
+        progress=False,
+        s3_accounts=ACCOUNTS,
+        stripe_accounts=ACCOUNTS,
+    )
+    reset_cache()
+    services()
+    yield settings
+    reset_cache()
+
+
+def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(text(sql), params).scalar()
+
+
+def _ids(engine: Engine, sql: str, **params: Any) -> list[int]:
+    with engine.connect() as connection:
+        return [int(r) for r in connection.execute(text(sql), params).scalars()]
+
+
+@pytest.fixture(scope="module")
+def plan(cellcms: Settings, engine: Engine) -> Plan:
+    adults = (
+        "SELECT a.id FROM accounts a WHERE NOT a.is_minor_flagged "
+        "AND (a.birth_date IS NULL OR a.birth_date < current_date - interval '17 years')"
+    )
+    with_stripe = _ids(
+        engine,
+        f"{adults} AND a.id IN (SELECT account_id FROM billing_profiles) "
+        "AND a.id IN (SELECT owner_account_id FROM projects) ORDER BY a.id LIMIT 1",
+    )[0]
+    others = [
+        i for i in _ids(engine, f"{adults} AND a.id NOT IN (21, 22, 23, 24) ORDER BY a.id") if i != with_stripe
+    ]
+    recently, held = others[-1], others[-2]
+    long_ago = [23, with_stripe]
+    with engine.begin() as connection:
+        for account_id in [*long_ago, held]:
+            connection.execute(
+                text("UPDATE accounts SET deleted_at = :at WHERE id = :id"),
+                {"at": datetime.combine(TODAY - timedelta(days=40), datetime.min.time(), UTC), "id": account_id},
+            )
+        connection.execute(
+            text("UPDATE accounts SET deleted_at = :at WHERE id = :id"),
+            {"at": datetime.now(UTC) - timedelta(days=10), "id": recently},
+        )
+        customer = connection.execute(
+            text("SELECT stripe_customer_id FROM billing_profiles WHERE account_id = :id"), {"id": with_stripe}
+        ).scalar_one()
+    minors = _ids(
+        engine,
+        "SELECT id FROM accounts WHERE is_minor_flagged OR birth_date > current_date - interval '16 years' "
+        "ORDER BY id",
+    )
+    assert {21, 22} <= set(minors)
+    return Plan(long_ago, with_stripe, recently, held, minors, customer)
+
+
+def _ctx(settings: Settings, run_id: str, as_of: date, **datamap_changes: Any) -> retention.Context:
+    s = services()
+    datamap = s.datamap
+    if datamap_changes:
+        assert datamap.retention is not None
+        datamap = datamap.model_copy(update={"retention": datamap.retention.model_copy(update=datamap_changes)})
+    return retention.Context(
+        datamap=datamap,
+        as_of=as_of,
+        engine=s.engine,
+        s3=s.s3,
+        stripe=s.stripe,
+        settings=s.settings,
+        secret_key=s.secret_key,
+        run_id=run_id,
+    )
+
+
+def _table_counts(engine: Engine) -> dict[str, int]:
+    tables = [*services().datamap.postgres.tables, "privacy_ops.retained_records", "privacy_ops.legal_holds"]
+    with engine.connect() as connection:
+        counts = {t: int(connection.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in tables}
+        counts["old_full_ips"] = int(
+            connection.execute(
+                text("SELECT count(*) FROM access_logs WHERE masklen(ip_address) = 32 AND accessed_at < :c"),
+                {"c": TODAY - timedelta(days=90)},
+            ).scalar_one()
+        )
+    return counts
+
+
+def _s3_versions(s3: Any, bucket: str, prefix: str) -> int:
+    listed = 0
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        listed += len(page.get("Versions", [])) + len(page.get("DeleteMarkers", []))
+    return listed
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_changes_nothing(cellcms: Settings, plan: Plan, engine: Engine, tmp_path: Path) -> None:
+    before = _table_counts(engine)
+    s = services()
+    ctx = _ctx(cellcms, "bad-input", TODAY)
+
+    with pytest.raises(retention.RetentionError, match=r"unknown retention rule.*no_such_rule.*known: "):
+        retention.run_retention(ctx, ["no_such_rule"])
+    with pytest.raises(retention.RetentionError, match="in the future"):
+        retention.run_retention(dataclasses.replace(ctx, as_of=TODAY + timedelta(days=1)))
+    with pytest.raises(ValueError, match="in the future"):
+        RetentionRun(as_of=TODAY + timedelta(days=1))
+    # A rule that would change more than max_share of its table stops before acting.
+    with pytest.raises(retention.ApprovalRequired, match="page_views_without_consent would change") as raised:
+        retention.apply_rule(ctx, "page_views_without_consent", max_share=0.01)
+    assert raised.value.rows > 0
+
+    with s.engine.begin() as connection, pytest.raises(holds.HoldError, match="no account 999999"):
+        holds.place_hold(
+            connection,
+            s.datamap,
+            secret_key=s.secret_key,
+            account_id=999999,
+            reason="litigation 7",
+            placed_by="ops",
+            now=datetime.now(UTC),
+        )
+
+    source = Path(s.settings.datamap_path).read_text(encoding="utf-8")
+    broken = tmp_path / "negative.yaml"
+    broken.write_text(source.replace("      period_days: 90\n", "      period_days: -90\n", 1), encoding="utf-8")
+    with pytest.raises(DataMapError) as error:
+        load_datamap(broken)
+    line = source[: source.index("      period_days: 90\n")].count("\n") + 1
+    assert f"negative.yaml:{line}: retention.rules.access_log_network_data.period_days: " in str(error.value)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(
+        source.replace("categories: [content]", "categories: [contents]").replace(
+            "clock_column: issued_at\n      period_days: 2557\n",
+            "clock_column: paid_at\n      period_days: 2557\n",
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(DataMapError) as error:
+        load_datamap(unknown)
+    assert "unknown value 'contents'" in str(error.value)
+    assert "billing_records_7_years.clock_column: 'paid_at' is not a column of invoices" in str(error.value)
+
+    assert _table_counts(engine) == before
+
+
+def test_hold_is_placed_and_audited(cellcms: Settings, plan: Plan, engine: Engine) -> None:
+    s = services()
+    with s.engine.begin() as connection:
+        plan.hold_id = holds.place_hold(
+            connection,
+            s.datamap,
+            secret_key=s.secret_key,
+            account_id=plan.held,
+            reason="litigation case 7",
+            placed_by="legal-team",
+            now=datetime.now(UTC),
+        )
+        # A row hold: one old invoice of the long-gone customer stays past 7 years.
+        invoice = connection.execute(text("SELECT min(id) FROM invoices WHERE account_id = 24")).scalar_one()
+        holds.place_hold(
+            connection,
+            s.datamap,
+            secret_key=s.secret_key,
+            table="invoices",
+            row_key=str(invoice),
+            reason="tax audit 2026",
+            placed_by="legal-team",
+            now=datetime.now(UTC),
+        )
+    with s.engine.connect() as connection:
+        active = holds.list_holds(connection)
+        audited = connection.execute(
+            text("SELECT count(*) FROM privacy_ops.audit_log WHERE step = 'legal_hold' AND outcome = 'placed'")
+        ).scalar_one()
+    assert {h.scope for h in active} == {"account", "row"}
+    assert audited == 2
+
+
+# ------------------------------------------------------------------------------------- dry run, crash, run
+def test_dry_run_then_crashed_run_resumed(
+    cellcms: Settings, plan: Plan, engine: Engine, s3: Any, read_mail: Callable[[], list[EmailMessage]]
+) -> None:
+    before = _table_counts(engine)
+    versions_before = _s3_versions(s3, cellcms.content_bucket, f"accounts/{plan.with_stripe}/")
+    assert versions_before > 0 and before["old_full_ips"] > 0
+
+    preview = nightly_retention(RetentionRun(dry_run=True, as_of=TODAY, max_share=1.0))
+    assert _table_counts(engine) == before, "a dry run changes nothing"
+    assert _s3_versions(s3, cellcms.content_bucket, f"accounts/{plan.with_stripe}/") == versions_before
+    expected = {r["rule"]: r for r in preview}
+    assert expected["access_log_network_data"]["selected"] > 40
+
+    # A crash: the rules before the log rule finished, the log rule acted on two batches of 20 rows, then the
+    # process died. The flow resumes the same retention run.
+    mail_before = len(read_mail())
+    crashed = _ctx(cellcms, RESUMED_RUN, TODAY, batch_size=20)
+    names = retention.rule_names(crashed.datamap)
+    for name in names[: names.index("access_log_network_data")]:
+        retention.apply_rule(crashed, name, max_share=1.0)
+    partial = retention.apply_rule(crashed, "access_log_network_data", max_share=1.0, max_batches=2)
+    assert partial.selected == 40
+
+    reports = nightly_retention(RetentionRun(as_of=TODAY, max_share=1.0, resume_run_id=RESUMED_RUN))
+    actual = {r["rule"]: r for r in reports}
+    for rule, preview_report in expected.items():
+        if rule in ("expired_export_packages", "expired_unverified_requests"):
+            continue  # S3 exports and requests: tested below, with their own clock
+        assert actual[rule]["selected"] == preview_report["selected"], rule
+        assert actual[rule]["stores"] == preview_report["stores"], rule
+        assert actual[rule]["tables"] == preview_report["tables"], rule
+    assert actual["access_log_network_data"]["resumed_batches"] == 2
+
+    with engine.connect() as connection:
+        keys = (
+            connection.execute(
+                text("SELECT idempotency_key FROM privacy_ops.audit_log WHERE idempotency_key LIKE :k"),
+                {"k": f"retention:{RESUMED_RUN}:access_log_network_data:%"},
+            )
+            .scalars()
+            .all()
+        )
+    assert len(keys) == len(set(keys)) == actual["access_log_network_data"]["batches"] + 2
+
+    # Each minor was told (where an address is on file), and compliance ops got one summary.
+    subjects = [str(m["Subject"]) for m in read_mail()[mail_before:]]
+    assert subjects.count("Your CellCMS account has been deleted") == actual["minors"]["stores"]["email"] > 0
+    assert sum("nightly retention run" in s for s in subjects) == 1
+
+    # A second run finds nothing left to do.
+    again = nightly_retention(RetentionRun(as_of=TODAY, max_share=1.0))
+    assert all(r["selected"] == 0 for r in again), [r for r in again if r["selected"]]
+
+
+def test_end_state(
+    cellcms: Settings, plan: Plan, engine: Engine, s3: Any, stripe_client: stripe.StripeClient
+) -> None:
+    cutoff = TODAY - timedelta(days=30)
+    # Deleted accounts past 30 days and minors: gone everywhere. Inside the period or held: untouched.
+    gone = [*plan.deleted_long_ago, *plan.minors]
+    assert _ids(engine, "SELECT id FROM accounts WHERE id = ANY(:ids)", ids=gone) == []
+    assert _scalar(engine, "SELECT count(*) FROM accounts WHERE deleted_at < :c", c=cutoff) == 1  # the held one
+    for account_id in gone:
+        assert _scalar(engine, "SELECT count(*) FROM projects WHERE owner_account_id = :i", i=account_id) == 0
+        assert _scalar(engine, "SELECT count(*) FROM documents WHERE author_account_id = :i", i=account_id) == 0
+        assert _s3_versions(s3, cellcms.content_bucket, f"accounts/{account_id}/") == 0
+    with pytest.raises(stripe.InvalidRequestError):
+        stripe_client.v1.customers.retrieve(plan.stripe_customer)
+    for account_id in (plan.deleted_recently, plan.held):
+        assert _scalar(engine, "SELECT count(*) FROM accounts WHERE id = :i", i=account_id) == 1
+        assert _scalar(engine, "SELECT count(*) FROM page_views WHERE account_id = :i", i=account_id) >= 0
+        assert _scalar(engine, "SELECT count(*) FROM projects WHERE owner_account_id = :i", i=account_id) > 0
+        assert _s3_versions(s3, cellcms.content_bucket, f"accounts/{account_id}/") > 0
+
+    # Billing past 7 years purged (and unlisted from retained_records), but the held invoice stays.
+    old = TODAY - timedelta(days=2557)
+    assert _scalar(engine, "SELECT count(*) FROM invoices WHERE issued_at < :d", d=old) == 1
+    assert (
+        _scalar(
+            engine,
+            "SELECT count(*) FROM privacy_ops.retained_records WHERE table_name = 'invoices' "
+            "AND row_key NOT IN (SELECT id::text FROM invoices)",
+        )
+        == 0
+    )
+
+    # Logs past 90 days: IPs truncated, referrers gone; recent logs keep their full IP.
+    log_cutoff = datetime.combine(TODAY - timedelta(days=90), datetime.min.time(), UTC)
+    assert (
+        _scalar(
+            engine,
+            "SELECT count(*) FROM access_logs WHERE accessed_at < :c AND account_id <> :held "
+            "AND (masklen(ip_address) > 24 OR referrer IS NOT NULL)",
+            c=log_cutoff,
+            held=plan.held,
+        )
+        == 0
+    )
+    assert (
+        _scalar(
+            engine,
+            "SELECT count(*) FROM access_logs WHERE accessed_at >= :c AND masklen(ip_address) = 32",
+            c=log_cutoff,
+        )
+        > 0
+    )
+    assert (
+        _scalar(
+            engine,
+            "SELECT count(*) FROM error_logs WHERE occurred_at < :c AND message ~ '@' "
+            "AND account_id IS DISTINCT FROM :held",
+            c=log_cutoff,
+            held=plan.held,
+        )
+        == 0
+    )
+
+    # Usage data only where analytics cookies were granted.
+    for table in ("page_views", "feature_usage", "api_call_counts"):
+        assert (
+            _scalar(
+                engine,
+                f"SELECT count(*) FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM cookie_consents c "
+                "WHERE c.account_id = t.account_id AND c.category = 'analytics' AND c.granted)",
+            )
+            == 0
+        )
+        assert _scalar(engine, f"SELECT count(*) FROM {table}") > 0
+
+
+def test_exports_and_unverified_requests(cellcms: Settings, engine: Engine, s3: Any) -> None:
+    bucket = cellcms.export_bucket
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": cellcms.s3_region})
+    s3.put_object(Bucket=bucket, Key="exports/req_retention01/access-package-req_retention01.zip", Body=b"zip")
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                'INSERT INTO privacy_ops.requests (id, "right", regulation, status, subject_hash, '
+                "received_at, due_at, "
+                "requested_by) VALUES ('req_retention02', 'access', 'GDPR', "
+                "'awaiting_verification', 'h', :r, :d, 't')"
+            ),
+            {"r": now - timedelta(days=3), "d": now + timedelta(days=27)},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO privacy_ops.verifications (request_id, method, status, expires_at, updated_at) "
+                "VALUES ('req_retention02', 'email_code', 'pending', :e, :e)"
+            ),
+            {"e": now - timedelta(days=2)},
+        )
+    report = retention.apply_rule(_ctx(cellcms, "requests", TODAY), "expired_unverified_requests")
+    assert report.selected == 1
+    assert _scalar(engine, "SELECT status FROM privacy_ops.requests WHERE id = 'req_retention02'") == "denied"
+    assert _scalar(
+        engine, "SELECT status FROM privacy_ops.verifications WHERE request_id = 'req_retention02'"
+    ) == ("expired")
+
+    # The exports rule runs on the object's own clock: a run dated 8 days ahead (the functions take any date;
+    # the flow and run_retention refuse future dates) sees the package as 8 days old.
+    ahead = _ctx(cellcms, "exports", TODAY + timedelta(days=8))
+    assert retention.export_leftovers(ahead, ["expired_export_packages"]) == ["exports/req_retention01/"]
+    today_report = retention.apply_rule(_ctx(cellcms, "exports-today", TODAY), "expired_export_packages")
+    assert today_report.selected == 0
+    report = retention.apply_rule(ahead, "expired_export_packages")
+    assert (report.selected, report.stores["s3"]) == (1, 1)
+    assert _s3_versions(s3, bucket, "exports/req_retention01/") == 0
+
+
+def test_planted_leftover_fails_the_check(cellcms: Settings, engine: Engine) -> None:
+    s = services()
+    url = s.settings.database_url.get_secret_value()
+    rules = retention.rule_names(s.datamap)
+    clean = checks.retention_checks(url, s.datamap, rules, TODAY)
+    assert clean.success, clean.summary()
+
+    with engine.begin() as connection:
+        account = connection.execute(text("SELECT min(account_id) FROM access_logs")).scalar_one()
+        connection.execute(
+            text(
+                "INSERT INTO access_logs (id, account_id, ip_address, accessed_at, method, path, "
+                "status_code, referrer) "
+                "VALUES (999999001, :a, '198.51.100.77', now() - interval '200 days', 'GET', '/', 200, "
+                "'https://example.com/?email=planted@example.com')"
+            ),
+            {"a": account},
+        )
+    try:
+        result = checks.retention_checks(url, s.datamap, rules, TODAY)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM access_logs WHERE id = 999999001"))
+    assert not result.success
+    failed = {(f.asset, f.column, f.unexpected_count) for f in result.failures}
+    assert ("access_log_network_data.leftover", "leftover", 1) in failed
+    assert ("access_log_network_data.anonymised", "ip_address", 1) in failed
+    assert ("access_log_network_data.anonymised", "referrer", 1) in failed
+    assert "planted" not in str(result.summary()) and "198.51" not in str(result.summary())
