@@ -3,9 +3,10 @@
 For each rule of `datamap/cellcms.yaml` (retention.rules, in order): measure what it would change; above
 `max_share` of its table, wait for an operator's approval (pause when run locally, suspend when deployed); act in
 audited batches. Then prove it with Great Expectations (nothing past its limit remains, anonymised rows hold no IP
-or email), tell compliance ops (one email, a Prefect table artifact), and record the run in the audit log. A dry
-run previews every rule in one rolled-back transaction and changes nothing. A failed check fails the run, after
-compliance ops were told.
+or email; its Data Docs published to the export bucket under data-docs/<run id>/), tell compliance ops (one
+email, a Prefect table artifact, both with a 7-day link to the Data Docs), and record the run in the audit log.
+A dry run previews every rule in one rolled-back transaction and changes nothing. A failed check fails the run,
+after compliance ops were told.
 """
 
 from __future__ import annotations

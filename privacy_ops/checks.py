@@ -35,6 +35,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from privacy_ops.datamap.model import Category, Column, DataMap, FieldAction, Kind
@@ -46,6 +47,7 @@ __all__ = [
     "FREE_TEXT_KINDS",
     "CheckError",
     "CheckResult",
+    "DocsPage",
     "Failure",
     "SubjectIdentifiers",
     "access_package_checks",
@@ -159,6 +161,15 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class DocsPage:
+    """One Data Docs validation page built for a suite (retention_checks with docs_dir only)."""
+
+    suite: str  # e.g. "retention.access_log_network_data.leftover"
+    success: bool
+    path: str  # relative to the docs directory, POSIX separators, e.g. "validations/retention/.../x.html"
+
+
+@dataclass(frozen=True)
 class CheckResult:
     """The outcome of a suite run: what was checked and what failed, without any of the values searched for."""
 
@@ -166,6 +177,7 @@ class CheckResult:
     success: bool
     expectations: int
     failures: tuple[Failure, ...] = ()
+    docs_pages: tuple[DocsPage, ...] = ()  # Data Docs validation pages, when they were built
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able dict for the audit log and Prefect artifacts."""
@@ -485,9 +497,13 @@ def _quiet_gx() -> Iterator[None]:
         gx_logger.setLevel(level)
 
 
-def _new_context(runtime_environment: dict[str, str]) -> Any:
-    """An ephemeral GX context: in-memory stores, no Data Docs site (the default one reserves a temporary
-    directory), no progress bars (tqdm would flood the output)."""
+_DOCS_SITE = "run"
+
+
+def _new_context(runtime_environment: dict[str, str], docs_dir: Path | None = None) -> Any:
+    """An ephemeral GX context: in-memory stores, no progress bars (tqdm would flood the output), and no Data
+    Docs site (the default one reserves a temporary directory) unless `docs_dir` is given: then one filesystem
+    site writing there (verified on 1.24.1: an ephemeral context's in-memory stores build Data Docs fine)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -495,18 +511,38 @@ def _new_context(runtime_environment: dict[str, str]) -> Any:
         ProgressBarsConfig,
     )
 
+    sites: dict[str, Any] = {}
+    if docs_dir is not None:
+        sites[_DOCS_SITE] = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
         progress_bars=ProgressBarsConfig(globally=False),
         analytics_enabled=False,
+        data_docs_sites=sites or None,
     )
     return gx.get_context(mode="ephemeral", project_config=config, runtime_environment=runtime_environment)
 
 
 def _run_suite(
-    context: Any, name: str, asset: str, batch_definition: Any, specs: list[_Spec], **run_kwargs: Any
+    context: Any,
+    name: str,
+    asset: str,
+    batch_definition: Any,
+    specs: list[_Spec],
+    docs: list[DocsPage] | None = None,
+    **run_kwargs: Any,
 ) -> list[Failure]:
-    """Validate one batch against `specs` as suite `name`; return the failures, without values."""
+    """Validate one batch against `specs` as suite `name`; return the failures, without values.
+
+    With `docs` (a context from `_new_context(..., docs_dir)`), the validation runs through a Checkpoint whose
+    UpdateDataDocsAction renders it into the docs site; the page is appended to `docs`. Never for suites whose
+    expectations hold a person's values: the pages print every expectation's arguments.
+    """
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -520,7 +556,10 @@ def _run_suite(
         gx.ValidationDefinition(name=name, data=batch_definition, suite=expectations)
     )
     try:
-        outcome = definition.run(result_format=_RESULT_FORMAT, **run_kwargs)
+        if docs is None:
+            outcome = definition.run(result_format=_RESULT_FORMAT, **run_kwargs)
+        else:
+            outcome = _run_with_docs(context, name, definition, docs, **run_kwargs)
     except Exception as exc:
         # The cause is not chained: its message may quote SQL parameters, i.e. the subject's values.
         raise CheckError(f"{name} could not run: {type(exc).__name__}") from None
@@ -540,6 +579,31 @@ def _run_suite(
                 )
             )
     return failures
+
+
+def _run_with_docs(context: Any, name: str, definition: Any, docs: list[DocsPage], **run_kwargs: Any) -> Any:
+    """Run one validation definition through a Checkpoint that updates the Data Docs site; return its result."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=name,
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE])],
+            result_format=_RESULT_FORMAT,  # sample values stay out of the pages too
+        )
+    )
+    result = checkpoint.run(**run_kwargs)
+    (identifier, outcome), *_ = result.run_results.items()
+    # The page's path mirrors the identifier (suite name split at dots, run name, run time, batch id).
+    site = str(context.get_config().data_docs_sites[_DOCS_SITE]["store_backend"]["base_directory"])
+    (url,) = (
+        s["site_url"] for s in context.get_docs_sites_urls(resource_identifier=identifier, site_name=_DOCS_SITE)
+    )
+    page = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve().relative_to(Path(site).resolve())
+    docs.append(DocsPage(suite=name, success=bool(outcome.success), path=page.as_posix()))
+    return outcome
 
 
 def _exception_class(exception_info: Mapping[str, Any] | None) -> str | None:
@@ -595,11 +659,18 @@ def _fetch_no_rows_of(engine: Any, queries: set[str]) -> None:
 
 
 def _gx_run(
-    suite: str, body: Callable[[Any], tuple[int, list[Failure]]], environment: dict[str, str]
+    suite: str,
+    body: Callable[[Any], tuple[int, list[Failure]]],
+    environment: dict[str, str],
+    docs_dir: Path | None = None,
+    docs: Iterable[DocsPage] = (),
 ) -> CheckResult:
+    """Run `body` in a fresh context; `docs_dir` gives it a Data Docs site, `docs` the pages `body` built."""
     with _GX_LOCK, _quiet_gx():
-        count, failures = body(_new_context(environment))
-    return CheckResult(suite=suite, success=not failures, expectations=count, failures=tuple(failures))
+        count, failures = body(_new_context(environment, docs_dir))
+    return CheckResult(
+        suite=suite, success=not failures, expectations=count, failures=tuple(failures), docs_pages=tuple(docs)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -761,14 +832,25 @@ def retention_checks(
     rules: Iterable[str],
     as_of: Any,
     s3_leftovers: pd.DataFrame | None = None,
+    *,
+    docs_dir: Path | None = None,
 ) -> CheckResult:
     """Prove that after a retention run nothing past its limit remains and anonymised rows hold no personal data.
 
     One suite per rule over PostgreSQL (see `_retention_plans`); `s3_leftovers` (column `folder`, one row per
     export folder past its period still holding a version) must be empty. Reads only; results carry names and
     counts, never values.
+
+    With `docs_dir`, the validations also render GX Data Docs (HTML) there, one validation page per suite, listed
+    in `CheckResult.docs_pages`. Safe to publish: these expectations carry dates and the rules' literals only, and
+    samples are off, so the pages show suite, column and query text with counts. (The erasure suites hold the
+    subject's values in their expectations and never render docs.)
     """
     plans = _retention_plans(datamap, list(rules), as_of)
+    docs: list[DocsPage] | None = None if docs_dir is None else []
+    if docs_dir is not None:
+        docs_dir = Path(docs_dir).resolve()
+        docs_dir.mkdir(parents=True, exist_ok=True)
 
     def body(context: Any) -> tuple[int, list[Failure]]:
         postgres = context.data_sources.add_postgres(
@@ -780,7 +862,7 @@ def retention_checks(
             _fetch_no_rows_of(engine, {query for _, query, _ in plans})
             for asset_name, query, specs in plans:
                 batch = postgres.add_query_asset(asset_name, query=query).add_batch_definition_whole_table("all")
-                failures += _run_suite(context, f"retention.{asset_name}", asset_name, batch, specs)
+                failures += _run_suite(context, f"retention.{asset_name}", asset_name, batch, specs, docs)
                 count += len(specs)
         finally:
             engine.dispose()
@@ -795,9 +877,12 @@ def retention_checks(
                 "s3_exports",
                 batch,
                 specs,
+                docs,
                 batch_parameters={"dataframe": s3_leftovers},
             )
             count += len(specs)
         return count, failures
 
-    return _gx_run("retention", body, {_DATABASE_URL_VARIABLE: database_url})
+    return _gx_run(
+        "retention", body, {_DATABASE_URL_VARIABLE: database_url}, docs_dir, () if docs is None else docs
+    )

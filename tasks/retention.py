@@ -7,14 +7,16 @@ batches are found in the audit log, so even a new flow run resuming the same ret
 
 from __future__ import annotations
 
+import tempfile
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from privacy_ops import checks, retention
+from privacy_ops import checks, data_docs, retention
 from privacy_ops.lifecycle import audit, notify
 from privacy_ops.services import Services
 from tasks.step import step
@@ -64,12 +66,29 @@ def preview(
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def check_retention(services: Services, run_id: str, as_of: date, rules: list[str]) -> dict[str, Any]:
-    """The retention suite (nothing past its limit, anonymised rows clean); recorded in the audit log."""
+    """The retention suite (nothing past its limit, anonymised rows clean); recorded in the audit log. Its GX Data
+    Docs are published to the export bucket: the summary's "data_docs" is a presigned link to the run's page
+    (None when publishing failed; the verdict stands either way)."""
+    from prefect import get_run_logger
+
     ctx = context(services, run_id, as_of)
     leftovers = pd.DataFrame({"folder": retention.export_leftovers(ctx, rules)}, dtype=object)
-    result = checks.retention_checks(
-        services.settings.database_url.get_secret_value(), services.datamap, rules, as_of, leftovers
-    )
+    with tempfile.TemporaryDirectory(prefix="retention-docs-") as docs_dir:
+        result = checks.retention_checks(
+            services.settings.database_url.get_secret_value(),
+            services.datamap,
+            rules,
+            as_of,
+            leftovers,
+            docs_dir=Path(docs_dir),
+        )
+        try:
+            link: str | None = data_docs.publish(
+                services.s3, services.settings.export_bucket, run_id, docs_dir, result.docs_pages
+            )
+        except data_docs.ExportError as error:  # names the operation and run only
+            get_run_logger().warning("Data Docs not published: %s", error)
+            link = None
     summary = result.summary()
     with services.engine.begin() as connection:
         audit.record(
@@ -81,7 +100,7 @@ def check_retention(services: Services, run_id: str, as_of: date, rules: list[st
             details={"run": run_id, **summary},
             idempotency_key=None,
         )
-    return summary
+    return {**summary, "data_docs": link}
 
 
 def failure_message(verdict: dict[str, Any]) -> str:
@@ -125,15 +144,20 @@ def notify_compliance(
         description=f"Nightly retention {kind} {run_id}, as of {as_of.isoformat()}",
     )
     failures = "" if verdict is None or verdict["success"] else "\n\n" + failure_message(verdict)
+    # A presigned link (7 days) to the run's Data Docs: suites, columns and counts, no personal data.
+    link = None if verdict is None else verdict.get("data_docs")
+    docs_line = "" if verdict is None else f"Data Docs (link valid 7 days): {link or 'not published'}"
     create_markdown_artifact(
         key="nightly-retention-verdict",
         markdown=f"# Nightly retention {kind}\n\nRun `{run_id}`, as of {as_of.isoformat()}. "
-        f"Great Expectations: **{state}**.{failures}",
+        f"Great Expectations: **{state}**.{failures}"
+        + (f"\n\n[Great Expectations Data Docs]({link}) (link valid 7 days)" if link else ""),
         description="Great Expectations verdict of the retention run",
     )
     lines = [
         f"Nightly retention {kind} {run_id} as of {as_of.isoformat()}",
         f"Great Expectations: {state}",
+        *([docs_line] if docs_line else []),
         "",
         "rule | action | selected | postgres rows | s3 versions | stripe customers | emails | status",
     ]

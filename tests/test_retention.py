@@ -9,6 +9,9 @@ accounts are moved in time by setting their deleted_at relative to it.
 from __future__ import annotations
 
 import dataclasses
+import html
+import re
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
@@ -22,7 +25,7 @@ from sqlalchemy import Engine, text
 from cellcms_sandbox.database import migrate
 from cellcms_sandbox.generator import seed_sandbox
 from flows.nightly_retention import RetentionRun, nightly_retention
-from privacy_ops import checks, retention
+from privacy_ops import checks, data_docs, retention
 from privacy_ops.datamap import load_datamap
 from privacy_ops.datamap.loader import DataMapError
 from privacy_ops.lifecycle import holds
@@ -440,3 +443,116 @@ def test_planted_leftover_fails_the_check(cellcms: Settings, engine: Engine) -> 
     assert ("access_log_network_data.anonymised", "ip_address", 1) in failed
     assert ("access_log_network_data.anonymised", "referrer", 1) in failed
     assert "planted" not in str(result.summary()) and "198.51" not in str(result.summary())
+
+
+# ------------------------------------------------------------------------------------------------ Data Docs
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def _get(url: str) -> tuple[str, str]:
+    """GET over loopback (no proxy): (Content-Type, body)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as response:
+        return response.headers["Content-Type"], response.read().decode("utf-8")
+
+
+def _docs_pages(run_page_url: str) -> tuple[str, dict[str, str]]:
+    """The run page and every validation page it links, by suite name."""
+    kind, page = _get(run_page_url)
+    assert kind.startswith("text/html")
+    links = re.findall(r'<a href="([^"]+)">([^<]+)</a>', page)
+    assert links, page
+    pages = {}
+    for url, suite in links:
+        kind, body = _get(html.unescape(url))
+        assert kind.startswith("text/html")
+        pages[suite] = body
+    return page, pages
+
+
+def _seeded_emails(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT email FROM accounts UNION SELECT billing_email FROM billing_profiles")
+        ).scalars()
+        return {str(r).lower() for r in rows if r}
+
+
+def test_data_docs_published_for_the_run(
+    cellcms: Settings, engine: Engine, read_mail: Callable[[], list[EmailMessage]]
+) -> None:
+    from prefect.artifacts import Artifact
+
+    mail_before = len(read_mail())
+    nightly_retention(RetentionRun(as_of=TODAY, max_share=1.0))
+    (summary,) = [m for m in read_mail()[mail_before:] if "nightly retention run" in str(m["Subject"])]
+    body = summary.get_content()
+    (link,) = re.findall(r"Data Docs \(link valid 7 days\): (\S+)", body)
+    artifact = Artifact.get("nightly-retention-verdict")
+    assert artifact is not None and link in str(artifact.data)
+    assert "/data-docs/" in link and "/run.html?" in link
+
+    run_page, pages = _docs_pages(link)
+    assert "all passed" in run_page
+    suites = {f"retention.{asset}" for asset, _, _ in checks._retention_plans(services().datamap, _rules(), TODAY)}
+    assert suites <= set(pages), suites - set(pages)
+    access_logs = pages["retention.access_log_network_data.anonymised"]
+    assert "Status: Succeeded" in _text(access_logs) and "access_logs" in access_logs  # the query names the table
+    seeded = _seeded_emails(engine)
+    assert seeded
+    for html_page in [run_page, *pages.values()]:
+        found = {e.lower() for e in _EMAIL.findall(_text(html_page))}
+        assert not found & seeded
+        assert not found, found  # no email address at all
+
+
+def test_data_docs_show_a_failure_without_values(
+    cellcms: Settings, engine: Engine, s3: Any, tmp_path: Path
+) -> None:
+    s = services()
+    with engine.begin() as connection:
+        account = connection.execute(text("SELECT min(account_id) FROM access_logs")).scalar_one()
+        connection.execute(
+            text(
+                "INSERT INTO access_logs (id, account_id, ip_address, accessed_at, method, path, "
+                "status_code, referrer) "
+                "VALUES (999999002, :a, '198.51.100.78', now() - interval '200 days', 'GET', '/', 200, "
+                "'https://example.com/?email=planted-docs@example.com')"
+            ),
+            {"a": account},
+        )
+    try:
+        result = checks.retention_checks(
+            s.settings.database_url.get_secret_value(), s.datamap, _rules(), TODAY, docs_dir=tmp_path
+        )
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM access_logs WHERE id = 999999002"))
+    assert not result.success
+    failed = {p.suite for p in result.docs_pages if not p.success}
+    assert failed == {"retention.access_log_network_data.leftover", "retention.access_log_network_data.anonymised"}
+    assert all((tmp_path / p.path).is_file() for p in result.docs_pages)
+
+    link = data_docs.publish(s3, cellcms.export_bucket, "test-docs-failure", tmp_path, result.docs_pages)
+    run_page, pages = _docs_pages(link)
+    assert "2 of" in run_page and "FAILED" in run_page
+    page = _text(pages["retention.access_log_network_data.anonymised"])
+    assert "Status: Failed" in page and "1 unexpected values found" in page
+    head = s3.head_object(
+        Bucket=cellcms.export_bucket, Key=f"data-docs/test-docs-failure/{result.docs_pages[0].path}"
+    )
+    assert head["ContentType"].startswith("text/html") and head["ServerSideEncryption"] == "AES256"
+    for html_page in [run_page, *pages.values()]:
+        assert "planted-docs" not in html_page and "198.51.100" not in html_page
+        assert not set(_EMAIL.findall(_text(html_page))) & _seeded_emails(engine)
+
+
+def _rules() -> list[str]:
+    return retention.rule_names(services().datamap)
+
+
+def _text(page: str) -> str:
+    """A page's visible text (scripts and styles dropped, tags removed, entities decoded)."""
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
