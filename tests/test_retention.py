@@ -31,6 +31,7 @@ from privacy_ops.datamap.loader import DataMapError
 from privacy_ops.lifecycle import holds
 from privacy_ops.services import reset_cache, services
 from privacy_ops.settings import Settings, load_settings
+from privacy_ops.stores import s3 as s3_store
 
 ACCOUNTS = 40
 TODAY = datetime.now(UTC).date()
@@ -377,6 +378,7 @@ def test_exports_and_unverified_requests(cellcms: Settings, engine: Engine, s3: 
     bucket = cellcms.export_bucket
     if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": cellcms.s3_region})
+    s3_store.purge_prefix(s3, bucket, "exports/")  # packages of earlier test modules would be counted too
     s3.put_object(Bucket=bucket, Key="exports/req_retention01/access-package-req_retention01.zip", Body=b"zip")
     now = datetime.now(UTC)
     with engine.begin() as connection:
