@@ -21,6 +21,9 @@ WORK_POOL = "privacy-ops"
 # The nightly schedule: configurable, in the data's own time zone (CellCMS stores data in the EU).
 RETENTION_CRON = os.environ.get("PRIVACY_OPS_RETENTION_CRON", "0 2 * * *")
 RETENTION_TIMEZONE = os.environ.get("PRIVACY_OPS_RETENTION_TIMEZONE", "Europe/Berlin")
+# The daily operations jobs, in the same time zone: the watchdog before the office opens, hygiene after retention.
+WATCHDOG_CRON = os.environ.get("PRIVACY_OPS_WATCHDOG_CRON", "0 7 * * *")
+HYGIENE_CRON = os.environ.get("PRIVACY_OPS_HYGIENE_CRON", "30 3 * * *")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,20 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         "Every time limit of the privacy policy, enforced set-based and verified; manual runs may be dry runs.",
         ("retention",),
         cron=RETENTION_CRON,
+    ),
+    Deployment(
+        "deadline-watchdog",
+        "flows/deadline_watchdog.py:deadline_watchdog",
+        "Requests due within 7 days or overdue: one email to compliance ops, a Prefect event per request.",
+        ("operations", "watchdog"),
+        cron=WATCHDOG_CRON,
+    ),
+    Deployment(
+        "orchestrator-hygiene",
+        "flows/orchestrator_hygiene.py:orchestrator_hygiene",
+        "Delete finished request flow runs (and their logs) from Prefect after 30 days; manual runs may be dry.",
+        ("operations", "hygiene"),
+        cron=HYGIENE_CRON,
     ),
 )
 

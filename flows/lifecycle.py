@@ -6,9 +6,10 @@ right reads like the policy: locate -> verify -> act -> notify -> record.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger
 from prefect.exceptions import FlowPauseTimeout
@@ -38,6 +39,7 @@ from tasks.lifecycle import (
     verification_state,
 )
 
+InputT = TypeVar("InputT", bound=RunInput)
 CODE_PATTERN = r"^\s*\d{6}\s*$"
 
 # Every request flow: results persisted encrypted (a retried run skips finished steps; a suspended run resumes at
@@ -133,9 +135,14 @@ def deny(services: Services, request_id: str, right: Right, to: Pii) -> str:
 
 
 def _wait_for_code(attempt: int, timeout: int) -> VerificationCode:
-    """Suspend a deployed run (it holds no worker while it waits); pause a local one (it cannot be suspended).
-    The key is per attempt, so a resumed run gets back the code given for that attempt."""
-    key = f"verification-code-{attempt}"
+    """The code for this attempt; the key is per attempt, so a resumed run gets back the code given for it."""
+    return wait_for(VerificationCode, key=f"verification-code-{attempt}", timeout=timeout)
+
+
+def wait_for(model: type[InputT], *, key: str, timeout: int) -> InputT:
+    """Wait for a person's input: suspend a deployed run (it holds no worker while it waits), pause a local one
+    (only deployed runs can be suspended). A resumed run gets back the input given under `key`."""
+    key = re.sub(r"[^a-z0-9-]", "-", key.lower())  # Prefect accepts only lowercase letters, digits and dashes
     if deployment.id:
-        return suspend_flow_run(wait_for_input=VerificationCode, timeout=timeout, key=key)
-    return pause_flow_run(wait_for_input=VerificationCode, timeout=timeout, key=key, poll_interval=1)
+        return suspend_flow_run(wait_for_input=model, timeout=timeout, key=key)
+    return pause_flow_run(wait_for_input=model, timeout=timeout, key=key, poll_interval=1)

@@ -15,11 +15,11 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.lifecycle import wait_for
 from privacy_ops import retention
 from privacy_ops.services import services as connect
 from tasks.retention import (
@@ -82,14 +82,7 @@ def _ask_approval(rule: str, measured: dict[str, Any], max_share: float) -> bool
         100 * measured["share"],
         100 * max_share,
     )
-    key = f"approve-{rule}"
-    answer: Approval
-    if flow_run.get_deployment_id():
-        answer = suspend_flow_run(wait_for_input=Approval, timeout=APPROVAL_TIMEOUT_SECONDS, key=key)
-    else:
-        answer = pause_flow_run(
-            wait_for_input=Approval, timeout=APPROVAL_TIMEOUT_SECONDS, key=key, poll_interval=2
-        )
+    answer = wait_for(Approval, key=f"approve-{rule}", timeout=APPROVAL_TIMEOUT_SECONDS)
     logger.info("rule %s %s by %s", rule, "approved" if answer.approve else "rejected", answer.approved_by)
     return answer.approve
 
@@ -129,7 +122,9 @@ def nightly_retention(params: RetentionRun | None = None) -> list[dict[str, Any]
                 reports.append(_skipped(name, measured))
                 continue
             reports.append(apply_rule(services, run_id, as_of, name, params.max_share, approved))
-        verdict = check_retention(services, run_id, as_of, names)
+        # A rule an operator rejected is reported as skipped; the checks prove the rules that ran.
+        applied = [r["rule"] for r in reports if r.get("status") != "rejected"]
+        verdict = check_retention(services, run_id, as_of, applied)
 
     notify_compliance(services, run_id, as_of, params.dry_run, reports, verdict)
     record_run(services, run_id, as_of, params.dry_run, reports, verdict)

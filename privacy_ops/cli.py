@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from privacy_ops.cli_operations import hygiene_app, watchdog_app
 from privacy_ops.cli_retention import holds_app, retention_app
 from privacy_ops.settings import ConfigError, state_dir
 from privacy_ops.stack import (
@@ -285,6 +286,8 @@ def list_requests_command(
 
 app.add_typer(retention_app, name="retention")
 app.add_typer(holds_app, name="hold")
+app.add_typer(watchdog_app, name="watchdog")
+app.add_typer(hygiene_app, name="hygiene")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Audit, data map, sandbox, blocks, demo

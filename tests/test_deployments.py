@@ -22,6 +22,7 @@ from privacy_ops.settings import Settings
 
 def test_every_deployment_loads_with_a_validating_form() -> None:
     from prefect import Flow
+    from prefect.exceptions import ParameterTypeError
 
     for deployment in DEPLOYMENTS:
         flow: Any = Flow.from_source(source=str(PROJECT_ROOT), entrypoint=deployment.entrypoint)
@@ -30,9 +31,26 @@ def test_every_deployment_loads_with_a_validating_form() -> None:
             intake = definitions["SubjectIntake"]["properties"]
             assert intake["email"]["anyOf"][0]["pattern"], "the UI must reject a malformed email"
             assert set(intake) == {"email", "account_id", "regulation", "requested_by"}
-        else:
+        elif "retention" in deployment.tags:
             assert deployment.cron is not None, "retention runs on a schedule"
             assert {"dry_run", "as_of"} <= set(definitions["RetentionRun"]["properties"])
+        elif "watchdog" in deployment.tags:
+            assert deployment.cron is not None, "the watchdog runs daily"
+            form = definitions["WatchdogRun"]["properties"]
+            assert {"as_of", "window_days"} == set(form)
+            assert form["window_days"]["default"] == 7 and form["window_days"]["minimum"] == 1
+            with pytest.raises(ParameterTypeError, match="future"):
+                flow.validate_parameters({"params": {"as_of": "2999-01-01"}})
+        elif "hygiene" in deployment.tags:
+            assert deployment.cron is not None, "hygiene runs daily"
+            form = definitions["HygieneRun"]["properties"]
+            assert {"older_than_days", "dry_run", "batch_size"} <= set(form)
+            assert form["older_than_days"]["default"] == 30
+            assert form["older_than_days"]["exclusiveMinimum"] == 0, "the UI must reject a period of 0 days"
+            with pytest.raises(ParameterTypeError):
+                flow.validate_parameters({"params": {"older_than_days": 0}})
+        else:
+            pytest.fail(f"{deployment.name}: no form check for this kind of deployment (tags {deployment.tags})")
 
 
 @pytest.fixture(scope="module")

@@ -558,3 +558,61 @@ def _text(page: str) -> str:
     """A page's visible text (scripts and styles dropped, tags removed, entities decoded)."""
     page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+def _paused_retention_run(timeout: float = 120) -> Any:
+    """The id of the nightly-retention run that is paused waiting for an operator."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["nightly-retention"])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                ),
+            )
+            if runs:
+                return runs[0].id
+            time.sleep(1)
+    raise AssertionError("no retention run paused for approval")
+
+
+def test_a_rule_over_its_threshold_waits_for_an_operator(cellcms: Settings, engine: Engine) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    from privacy_ops.runner import start_flow
+
+    old = datetime.now(UTC) - timedelta(days=200)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO access_logs (id, account_id, ip_address, accessed_at, method, path, status_code, "
+                "referrer) SELECT 999999100 + n, 30, '203.0.113.9', :old, 'GET', '/', 200, 'https://x.example/' "
+                "FROM generate_series(1, 3) AS n"
+            ),
+            {"old": old},
+        )
+    untouched = "SELECT count(*) FROM access_logs WHERE id > 999999100 AND masklen(ip_address) = 32"
+    params = RetentionRun(rules=["access_log_network_data"], as_of=TODAY, max_share=0.0001)
+
+    rejected = start_flow(nightly_retention, params=params)
+    resume_flow_run(_paused_retention_run(), run_input={"approve": False, "approved_by": "ops on duty"})
+    [report] = rejected.wait(300)
+    assert report["status"] == "rejected" and _scalar(engine, untouched) == 3  # nothing acted without approval
+
+    approved = start_flow(nightly_retention, params=params)
+    resume_flow_run(_paused_retention_run(), run_input={"approve": True, "approved_by": "ops on duty"})
+    [report] = approved.wait(300)
+    assert report["stores"]["postgres"] >= 3 and _scalar(engine, untouched) == 0
