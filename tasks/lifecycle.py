@@ -299,11 +299,24 @@ def publish_request_artifact(services: Services, request_id: str) -> None:
 
     Built only from the request record and audit details, which hold no personal data by construction.
     """
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     with services.engine.connect() as connection:
         request = requests.get_request(connection, request_id)
         state = verification.get_verification(connection, request_id)
+    located = request.outcome.get("locate", {})
+    found = [
+        {"store": "postgres", "where": table, "records": n} for table, n in located.get("postgres", {}).items()
+    ]
+    found += [
+        {"store": "s3", "where": "object versions", "records": located.get("s3_objects", 0)},
+        {"store": "stripe", "where": "customers", "records": located.get("stripe_customers", 0)},
+    ]
+    create_table_artifact(
+        key=f"request-{request.id.replace('_', '-')}-found",
+        table=found,
+        description=f"{request.id}: what locate found per store",
+    )
     lines = [
         f"# Privacy request {request.id}: {request.right.value} ({request.regulation.value})",
         "",

@@ -119,7 +119,16 @@ def test_a_deployed_request_suspends_for_its_code_then_completes(
     sent = [str(m["Subject"]) for m in read_mail() if request_id in str(m["Subject"])]
     assert len(sent) == 3 and len(set(sent)) == 3  # acknowledgement, code, completion: once each across the rerun
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    key = f"request-{request_id.replace('_', '-')}"
     with get_client(sync_client=True) as client:
         named = client.read_flow_run(flow_run.id).name
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key, f"{key}-found"]))
+        )
     assert named == f"{request_id} access"  # the UI lists it by request id, no personal data
+    console = {a.type: str(a.data) for a in artifacts}
+    assert set(console) == {"markdown", "table"}
+    assert "**completed**" in console["markdown"] and "passed" in console["markdown"]
+    assert "postgres" in console["table"]
