@@ -332,7 +332,7 @@ def datamap_check(
     if live:
         from sqlalchemy import create_engine
 
-        engine = create_engine(load_settings().database_url.get_secret_value())
+        engine = create_engine(load_settings().database_url.get_secret_value(), hide_parameters=True)
         for warning in check_against_database(datamap, engine, path):
             typer.echo(f"warning: {warning}")
         typer.echo("matches the live database")

@@ -57,7 +57,9 @@ def services() -> Services:
     from privacy_ops.stores import stripe_store
 
     settings = current_settings()
-    engine = create_engine(settings.database_url.get_secret_value(), pool_pre_ping=True)
+    # hide_parameters: bound values (identifiers, redaction patterns) never appear in an SQL error message, which
+    # would otherwise reach Prefect's state messages and logs.
+    engine = create_engine(settings.database_url.get_secret_value(), pool_pre_ping=True, hide_parameters=True)
     with engine.begin() as connection:
         ensure_schema(connection)
     return Services(
