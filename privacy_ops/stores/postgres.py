@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Date,
     Select,
     Text,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement, TableClause
 
@@ -40,6 +41,7 @@ from privacy_ops.lifecycle.schema import retained_records
 from privacy_ops.pii import PSEUDONYM_LENGTH, PSEUDONYM_PREFIX, PSEUDONYM_PURPOSE
 
 REDACTED = "[redacted]"
+NEVER_MATCHES = "(?!)"  # the pattern of an account without identifiers
 WITHHELD = "[withheld: security credential]"
 OTHER_ACCOUNT = "[another account]"
 BATCH_SIZE = 5000
@@ -108,12 +110,29 @@ def column_values(
     return {str(v) for v in connection.execute(query, {"account_ids": account_ids}).scalars()}
 
 
+def identifiers_by_account(
+    connection: Connection, datamap: DataMap, account_ids: list[int]
+) -> dict[int, dict[Kind, set[str]]]:
+    """Every identifier value of each account, by kind (one query per identifier column and reach)."""
+    found: dict[int, dict[Kind, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for table_name, column_name, spec in datamap.identifier_columns():
+        for index in range(len(datamap.table(table_name).reaches)):
+            rows = reach_select(datamap, table_name, index, columns=[column_name], with_account_id=True).subquery()
+            value = rows.c[column_name]
+            rendered = func.host(value) if spec.kind == Kind.ip else cast(value, Text)
+            query = select(rows.c.account_id, rendered).distinct().where(value.is_not(None))
+            for account_id, text_value in connection.execute(query, {"account_ids": account_ids}):
+                found[account_id][spec.kind].add(str(text_value))
+    return found
+
+
 def collect_identifiers(connection: Connection, datamap: DataMap, account_ids: list[int]) -> dict[Kind, set[str]]:
     """Every identifier value of the subject, by kind: what erasure redacts and what checks hunt for afterwards."""
-    found: dict[Kind, set[str]] = defaultdict(set)
-    for table_name, column_name, spec in datamap.identifier_columns():
-        found[spec.kind].update(column_values(connection, datamap, table_name, column_name, account_ids))
-    return dict(found)
+    merged: dict[Kind, set[str]] = defaultdict(set)
+    for kinds in identifiers_by_account(connection, datamap, account_ids).values():
+        for kind, values in kinds.items():
+            merged[kind] |= values
+    return dict(merged)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -292,10 +311,17 @@ def erase_accounts(
     call, and that pass scans every mapped table with a regex of all their identifiers.
     """
     erasure = Erasure()
-    pattern = text_pattern(subject)
+    # Each kept row is redacted with the identifiers of its own account: a pattern per account stays small and
+    # compiles fast, where one pattern of a whole batch of accounts grows past what PostgreSQL can compile.
+    by_account = identifiers_by_account(connection, datamap, account_ids)
     params: dict[str, Any] = {
         "account_ids": account_ids,
-        "pattern": pattern or "(?!)",
+        "pattern_accounts": account_ids,
+        "patterns": [
+            text_pattern(SubjectIdentifiers.from_kinds(by_account.get(a, {}))) or NEVER_MATCHES
+            for a in account_ids
+        ],
+        "pattern": (text_pattern(subject) if redact_mentions else None) or NEVER_MATCHES,
         "hash_key": secret_key,
     }
     for table_name in erasure_order(datamap):
@@ -333,6 +359,10 @@ def erase_accounts(
     return erasure
 
 
+def _pattern_of(identifiers: dict[Kind, set[str]]) -> str:
+    return text_pattern(SubjectIdentifiers.from_kinds(identifiers)) or NEVER_MATCHES
+
+
 def _delete_in_batches(
     connection: Connection, datamap: DataMap, table_name: str, index: int, params: dict[str, Any], batch_size: int
 ) -> int:
@@ -356,9 +386,9 @@ def pseudonym_sql(account_id: ColumnElement[Any]) -> ColumnElement[str]:
 
 
 def _assignments(
-    target: TableClause, columns: dict[str, Column], account_id: ColumnElement[Any]
+    target: TableClause, columns: dict[str, Column], account_id: ColumnElement[Any], pattern: ColumnElement[str]
 ) -> dict[str, Any]:
-    """SET clauses for the field actions of the columns of a row that is kept."""
+    """SET clauses for the field actions of the columns of a row that is kept (`pattern`: its account's)."""
     values: dict[str, Any] = {}
     for name, spec in columns.items():
         if spec.erasure == FieldAction.set_null:
@@ -366,7 +396,7 @@ def _assignments(
         elif spec.erasure == FieldAction.generic_replacement:
             values[name] = spec.replacement
         elif spec.erasure == FieldAction.redact_identifiers:
-            values[name] = func.regexp_replace(target.c[name], bindparam("pattern", type_=Text), REDACTED, "gi")
+            values[name] = func.regexp_replace(target.c[name], pattern, REDACTED, "gi")
         elif spec.erasure == FieldAction.keyed_pseudonym:
             values[name] = pseudonym_sql(account_id)
     return values
@@ -379,10 +409,22 @@ def _anonymise(
     spec = datamap.table(table_name)
     target = table_clause(datamap, table_name)
     batch = reach_select(datamap, table_name, index, with_account_id=True).subquery("batch")
-    values = _assignments(target, spec.columns, batch.c.account_id)
+    patterns = (
+        func.unnest(
+            bindparam("pattern_accounts", type_=ARRAY(BigInteger)), bindparam("patterns", type_=ARRAY(Text))
+        )
+        .table_valued("pattern_account_id", "pattern")
+        .render_derived(name="patterns")
+    )
+    values = _assignments(target, spec.columns, batch.c.account_id, patterns.c.pattern)
     if not values:
         return 0
-    statement = update(target).values(values).where(*(target.c[k] == batch.c[k] for k in spec.primary_key))
+    statement = (
+        update(target)
+        .values(values)
+        .where(*(target.c[k] == batch.c[k] for k in spec.primary_key))
+        .where(batch.c.account_id == patterns.c.pattern_account_id)
+    )
     return connection.execute(statement, params).rowcount
 
 
