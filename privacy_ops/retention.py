@@ -64,6 +64,7 @@ from privacy_ops.datamap.model import (
     Anonymiser,
     Category,
     DataMap,
+    Kind,
     RetentionAction,
     RetentionRule,
     S3Location,
@@ -602,8 +603,9 @@ def _erase_accounts_batch(
                 )
     # Identifiers of the batch redact the free text of the batch's own kept rows (documents they wrote in others'
     # projects). The global mention pass is skipped: see erase_accounts(redact_mentions=...) and the report.
+    by_account = postgres.identifiers_by_account(connection, ctx.datamap, ids)  # the full map's, see below
     subject = SubjectIdentifiers.from_kinds(
-        postgres.collect_identifiers(connection, ctx.datamap, ids), account_ids=ids
+        {kind: {v for kinds in by_account.values() for v in kinds.get(kind, ())} for kind in Kind}, account_ids=ids
     )
     erasure = postgres.erase_accounts(
         connection,
@@ -613,6 +615,7 @@ def _erase_accounts_batch(
         secret_key=ctx.secret_key,
         request_id=request_id,
         redact_mentions=False,
+        identifiers=by_account,
     )
     tables = Counter({name: counts.total() for name, counts in erasure.tables.items() if counts.total()})
     stores["postgres"] += sum(tables.values())

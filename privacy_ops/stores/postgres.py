@@ -8,7 +8,7 @@ or nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -303,17 +303,22 @@ def erase_accounts(
     request_id: str,
     batch_size: int = BATCH_SIZE,
     redact_mentions: bool = True,
+    identifiers: Mapping[int, dict[Kind, set[str]]] | None = None,
 ) -> Erasure:
     """Apply the map's erasure actions to every row of the accounts, then redact mentions elsewhere.
 
     `redact_mentions=False` skips the last pass (identifiers in rows that are not the accounts' own, searched in
     every free-text and identifier column of the whole database): bulk retention erases hundreds of accounts per
-    call, and that pass scans every mapped table with a regex of all their identifiers.
+    call, and that pass scans every mapped table with a regex of all their identifiers. `identifiers` (per account)
+    default to those the given map finds; a caller erasing only some categories passes those of the full map, so
+    kept rows are still redacted of the person's email and name.
     """
     erasure = Erasure()
     # Each kept row is redacted with the identifiers of its own account: a pattern per account stays small and
     # compiles fast, where one pattern of a whole batch of accounts grows past what PostgreSQL can compile.
-    by_account = identifiers_by_account(connection, datamap, account_ids)
+    by_account = (
+        identifiers if identifiers is not None else identifiers_by_account(connection, datamap, account_ids)
+    )
     params: dict[str, Any] = {
         "account_ids": account_ids,
         "pattern_accounts": account_ids,
