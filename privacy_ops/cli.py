@@ -16,6 +16,7 @@ import typer
 
 from privacy_ops.cli_operations import hygiene_app, watchdog_app
 from privacy_ops.cli_retention import holds_app, retention_app
+from privacy_ops.cli_up import register as register_up
 from privacy_ops.settings import ConfigError, state_dir
 from privacy_ops.stack import (
     SERVICES,
@@ -50,6 +51,7 @@ stack_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(stack_app, name="stack")
+register_up(app)
 
 ServiceOption = Annotated[
     list[str] | None,
