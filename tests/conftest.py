@@ -237,3 +237,16 @@ def cellcms(stack: StackInfo, s3: S3Client, stripe_client: stripe.StripeClient) 
     services()  # creates the privacy_ops schema before any test polls it
     yield settings
     reset_cache()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` every second until it returns something truthy (returned), or fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")

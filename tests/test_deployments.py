@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -18,6 +17,7 @@ from deployments.deploy import DEPLOYMENTS, PROJECT_ROOT, WORK_POOL, deploy_all
 from privacy_ops.lifecycle.requests import Status
 from privacy_ops.runner import code_from_mail, final_status, submit_code
 from privacy_ops.settings import Settings
+from tests.conftest import wait_for
 
 
 def test_every_deployment_loads_with_a_validating_form() -> None:
@@ -80,15 +80,6 @@ def _state(flow_run_id: Any) -> Any:
         return client.read_flow_run(flow_run_id).state
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_deployed_request_suspends_for_its_code_then_completes(
     cellcms: Settings,
     engine: Engine,
@@ -102,7 +93,7 @@ def test_a_deployed_request_suspends_for_its_code_then_completes(
         parameters={"intake": {"account_id": 5, "requested_by": "test"}},
         timeout=0,
     )
-    _wait_for(lambda: _state(flow_run.id).is_paused(), 180, "the run to suspend for its code")
+    wait_for(lambda: _state(flow_run.id).is_paused(), 180, "the run to suspend for its code")
     assert _state(flow_run.id).name == "Suspended"
     with engine.connect() as connection:
         request_id = connection.execute(
@@ -112,7 +103,7 @@ def test_a_deployed_request_suspends_for_its_code_then_completes(
     assert code is not None
 
     assert submit_code(engine, request_id, code, timeout=180).status.value == "verified"
-    _wait_for(lambda: _state(flow_run.id).is_final(), 300, "the resumed run to finish")
+    wait_for(lambda: _state(flow_run.id).is_final(), 300, "the resumed run to finish")
 
     assert _state(flow_run.id).is_completed()
     assert final_status(engine, request_id).status == Status.completed

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from privacy_ops.lifecycle.requests import Status
 from privacy_ops.runner import code_from_mail, final_status
 from privacy_ops.settings import ENVIRONMENT, PROJECT_ROOT, load_settings
 from privacy_ops.stack import read_mail
+from tests.conftest import wait_for
 from tests.test_up_down import FAST, _seed
 
 pytest.importorskip("playwright")
@@ -89,16 +89,6 @@ def console_engine(console: operations.UpResult) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _flow_run(console: operations.UpResult, flow_run_id: str) -> Any:
     from prefect.client.orchestration import get_client
 
@@ -146,12 +136,12 @@ def test_erasure_request_from_the_ui_with_the_code_entered_in_the_resume_form(
     shot("03-run-started")
 
     # 3. It suspends for the code (holding no worker); the code comes from the SMTP sink, as the person reads it.
-    _wait_for(lambda: _flow_run(console, flow_run_id).state.name == "Suspended", 180, "the run to suspend")
+    wait_for(lambda: _flow_run(console, flow_run_id).state.name == "Suspended", 180, "the run to suspend")
     with console_engine.connect() as connection:
         request_id = connection.execute(
             text("SELECT id FROM privacy_ops.requests WHERE flow_run_id = :f"), {"f": flow_run_id}
         ).scalar_one()
-    code = _wait_for(lambda: code_from_mail(read_mail(), request_id), 60, "the code email")
+    code = wait_for(lambda: code_from_mail(read_mail(), request_id), 60, "the code email")
     page.reload()
     page.get_by_text("Suspended", exact=True).first.wait_for()
     shot("04-suspended")
@@ -168,7 +158,7 @@ def test_erasure_request_from_the_ui_with_the_code_entered_in_the_resume_form(
     page.wait_for_timeout(1000)
     shot("05b-resumed")
     try:
-        _wait_for(lambda: _flow_run(console, flow_run_id).state.is_final(), 240, "the resumed run to finish")
+        wait_for(lambda: _flow_run(console, flow_run_id).state.is_final(), 240, "the resumed run to finish")
     except AssertionError as error:
         state = _flow_run(console, flow_run_id).state
         log = Path(console.worker.log).read_text(errors="replace").splitlines()[-40:]

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from privacy_ops import operations
 from privacy_ops.cli_up import register
 from privacy_ops.settings import ENVIRONMENT, load_settings
 from privacy_ops.stack import read_stack
+from tests.conftest import wait_for
 
 # Test-only speed-ups, inherited by the stack's Prefect server and the worker from the environment.
 FAST = {
@@ -74,16 +74,6 @@ def _port_listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_up_serves_the_ui_deploys_everything_and_runs_a_worker(upped: operations.UpResult, home: Path) -> None:
@@ -179,7 +169,7 @@ def test_nightly_retention_runs_from_its_schedule(upped: operations.UpResult) ->
             assert not failed, f"a scheduled run ended {failed[0].state.name}: {failed[0].state.message}"
             return [r for r in runs if r.state and r.state.is_completed()]
 
-        [run] = _wait_for(finished, 150, "a scheduled nightly-retention run to complete")
+        [run] = wait_for(finished, 150, "a scheduled nightly-retention run to complete")
     assert run.auto_scheduled, "created by the scheduler, not by run_deployment"
     assert run.idempotency_key and run.idempotency_key.startswith("scheduled ")
     assert run.expected_start_time is not None and run.expected_start_time >= first - timedelta(seconds=1)
