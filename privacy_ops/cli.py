@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from privacy_ops.cli_operations import hygiene_app, watchdog_app
+from privacy_ops.cli_options import StopTimeoutOption, WipeOption
 from privacy_ops.cli_retention import holds_app, retention_app
 from privacy_ops.cli_up import register as register_up
 from privacy_ops.settings import ConfigError, state_dir
@@ -105,13 +106,8 @@ def stack_up(
 
 @stack_app.command("down")
 def stack_down(
-    wipe: Annotated[
-        bool,
-        typer.Option("--wipe", help="Also delete the data: database, Prefect history, mail, secret key, logs."),
-    ] = False,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a graceful stop before killing.")
-    ] = STOP_TIMEOUT,
+    wipe: WipeOption = False,
+    timeout: StopTimeoutOption = STOP_TIMEOUT,
 ) -> None:
     """Stop every service of the local stack and wait until their ports are free. Data is kept unless --wipe."""
     stopped = stop_stack(wipe=wipe, timeout=timeout, progress=typer.echo)

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from privacy_ops.cli_options import StopTimeoutOption, WipeOption
 from privacy_ops.stack import START_TIMEOUT, STOP_TIMEOUT, prefect_home
 
 
@@ -42,13 +43,8 @@ def up_command(
 
 
 def down_command(
-    wipe: Annotated[
-        bool,
-        typer.Option("--wipe", help="Also delete the data: database, Prefect history, mail, secret key, logs."),
-    ] = False,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a graceful stop before killing.")
-    ] = STOP_TIMEOUT,
+    wipe: WipeOption = False,
+    timeout: StopTimeoutOption = STOP_TIMEOUT,
 ) -> None:
     """Stop the worker, then every service of the local stack; leaves no process and no listening port."""
     from privacy_ops.operations import down

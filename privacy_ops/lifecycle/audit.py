@@ -19,7 +19,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -248,32 +248,7 @@ def record(
         idempotency_key=idempotency_key,
         prev_hash=prev_hash,
     )
-    connection.execute(
-        text(
-            f"INSERT INTO {SCHEMA}.audit_log ({_COLUMNS}) VALUES (:seq, :recorded_at, :request_id, :step, "
-            ":outcome, :subject_hash, CAST(:details AS jsonb), :idempotency_key, :prev_hash, :entry_hash)"
-        ),
-        {
-            "seq": seq,
-            "recorded_at": recorded_at,
-            "request_id": request_id,
-            "step": step,
-            "outcome": outcome,
-            "subject_hash": subject_hash,
-            "details": details_json,
-            "idempotency_key": idempotency_key,
-            "prev_hash": prev_hash,
-            "entry_hash": digest,
-        },
-    )
-    connection.execute(
-        text(
-            f"INSERT INTO {SCHEMA}.audit_head (id, seq, entry_hash) VALUES (:id, :seq, :hash) "
-            "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, entry_hash = EXCLUDED.entry_hash"
-        ),
-        {"id": HEAD_ID, "seq": seq, "hash": digest},
-    )
-    return AuditEntry(
+    entry = AuditEntry(
         seq=seq,
         recorded_at=recorded_at,
         request_id=request_id,
@@ -285,6 +260,21 @@ def record(
         prev_hash=prev_hash,
         entry_hash=digest,
     )
+    connection.execute(
+        text(
+            f"INSERT INTO {SCHEMA}.audit_log ({_COLUMNS}) VALUES (:seq, :recorded_at, :request_id, :step, "
+            ":outcome, :subject_hash, CAST(:details AS jsonb), :idempotency_key, :prev_hash, :entry_hash)"
+        ),
+        {**asdict(entry), "details": details_json},  # the exact JSON text the hash was computed over
+    )
+    connection.execute(
+        text(
+            f"INSERT INTO {SCHEMA}.audit_head (id, seq, entry_hash) VALUES (:id, :seq, :hash) "
+            "ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, entry_hash = EXCLUDED.entry_hash"
+        ),
+        {"id": HEAD_ID, "seq": seq, "hash": digest},
+    )
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------------------------
