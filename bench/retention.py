@@ -5,14 +5,16 @@
 1. Starts the local stack's PostgreSQL and S3 (privacy_ops.stack; S3 only because the retention checks publish
    their Data Docs to the export bucket) in its own state dir (PRIVACY_OPS_HOME, default .privacy-ops-bench/),
    stopped again at the end, seeds N synthetic accounts (cellcms_sandbox, PostgreSQL only: no S3 objects, no Stripe
-   customers) into database `bench_seed`, marks exactly 20% of the accounts (id % 5 = 0) deleted 41 days before
+   customers) into database `bench_seed_<N>`, marks exactly 20% of the accounts (id % 5 = 0) deleted 41 days before
    the run's as_of date (every other account not deleted), creates the privacy_ops schema, then copies the
-   database twice (CREATE DATABASE ... TEMPLATE bench_seed): `bench_project` and `bench_sql`.
+   database twice (CREATE DATABASE ... TEMPLATE bench_seed_<N>): `bench_project` and `bench_sql`. One seed per N
+   is kept, so --reuse-seed serves runs at 10,000 and 100,000 accounts in turn.
 2. Project, on bench_project, in a fresh child process: what flows/nightly_retention.py does per rule for the
    rules this scenario triggers (`deleted_account_content`, `deleted_accounts`): measure the share
-   (measure_rule), act in audited batches (privacy_ops.retention.apply_rule, approved as an operator would), then
-   the Great Expectations retention suite (tasks.retention.check_retention, audit entry included). Timed end to
-   end, checks and Data Docs included; Prefect itself is not started (a task per rule costs milliseconds).
+   (measure_rule), act in audited batches (privacy_ops.retention.apply_rule, given that measurement and approved
+   as an operator would), then the Great Expectations retention suite (tasks.retention.check_retention, audit
+   entry included). Timed end to end, checks and Data Docs included; Prefect itself is not started (a task per
+   rule costs milliseconds).
    The rules' own S3 and Stripe work is left out (the map's s3 and stripe sections removed for the run): the
    seed has no objects or customers, and the hand-written SQL cannot do it either.
 3. Hand-written SQL, on bench_sql, in a fresh child process: the same changes (the data map's erasure actions
@@ -57,7 +59,7 @@ import psycopg  # noqa: E402
 
 RULES = ("deleted_account_content", "deleted_accounts")
 RUN_ID = "bench"
-SEED_DB, PROJECT_DB, SQL_DB = "bench_seed", "bench_project", "bench_sql"
+PROJECT_DB, SQL_DB = "bench_project", "bench_sql"
 DELETED_SHARE_MODULO = 5  # id % 5 = 0: 20% of the accounts
 DELETED_DAYS_AGO = 41
 RESULT_PREFIX = "BENCH-RESULT "
@@ -72,6 +74,10 @@ ANONYMISED_COLUMNS: dict[str, tuple[str, list[str]]] = {
         ["request_id", "pseudonym", "table_name", "row_key", "legal_basis", "purge_after"],
     ),
 }
+
+
+def seed_database(accounts: int) -> str:
+    return f"bench_seed_{accounts}"
 
 
 def log(line: str) -> None:
@@ -208,7 +214,7 @@ def project_phase(url: str, as_of: date, profile: bool, batch_size: int | None) 
             mark = time.perf_counter()
             share = retention.measure_share(ctx, name)  # the flow's measure_rule task
             report = retention.apply_rule(  # the flow's apply_rule step, approved as an operator would
-                ctx, name, max_share=retention.DEFAULT_MAX_SHARE, approved=True
+                ctx, name, max_share=retention.DEFAULT_MAX_SHARE, approved=True, share=share
             )
             rules.append({**report.summary(), "measured_share": round(share.share, 4), "seconds": 0.0})
             rules[-1]["seconds"] = time.perf_counter() - mark
@@ -479,7 +485,8 @@ def expected_anonymised(url: str, cutoff: datetime) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------ setup
 def prepare(url: str, accounts: int, as_of: date, reuse: bool) -> None:
-    """bench_seed (seeded, 20% deleted 41 days ago, privacy_ops schema) and its two copies."""
+    """bench_seed_<N> (seeded, 20% deleted 41 days ago, privacy_ops schema) and its two copies."""
+    seed_db = seed_database(accounts)
     from sqlalchemy import create_engine
 
     from cellcms_sandbox.generator import seed_sandbox
@@ -491,14 +498,14 @@ def prepare(url: str, accounts: int, as_of: date, reuse: bool) -> None:
         for name in (PROJECT_DB, SQL_DB):
             connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         found = connection.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (SEED_DB,)
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (seed_db,)
         ).fetchone()
         if reuse and found is not None and found[0] == marker:
-            log(f"reusing {SEED_DB} ({marker})")
+            log(f"reusing {seed_db} ({marker})")
         else:
-            connection.execute(f"DROP DATABASE IF EXISTS {SEED_DB} WITH (FORCE)")
-            connection.execute(f"CREATE DATABASE {SEED_DB}")
-            seed_url = database_url(url, SEED_DB)
+            connection.execute(f"DROP DATABASE IF EXISTS {seed_db} WITH (FORCE)")
+            connection.execute(f"CREATE DATABASE {seed_db}")
+            seed_url = database_url(url, seed_db)
             log(f"seeding {accounts:,} accounts (PostgreSQL only) ...")
             report = seed_sandbox(seed_url, None, None, "cellcms-content", accounts, progress=False)
             log(report.summary())
@@ -513,10 +520,10 @@ def prepare(url: str, accounts: int, as_of: date, reuse: bool) -> None:
                     {"every": DELETED_SHARE_MODULO, "at": moment - timedelta(days=DELETED_DAYS_AGO)},
                 )
                 seed.execute("VACUUM ANALYZE")
-            connection.execute(f"COMMENT ON DATABASE {SEED_DB} IS '{marker}'")
+            connection.execute(f"COMMENT ON DATABASE {seed_db} IS '{marker}'")
         for name in (PROJECT_DB, SQL_DB):
-            connection.execute(f"CREATE DATABASE {name} TEMPLATE {SEED_DB}")
-        log(f"copies {PROJECT_DB} and {SQL_DB} made from {SEED_DB}")
+            connection.execute(f"CREATE DATABASE {name} TEMPLATE {seed_db}")
+        log(f"copies {PROJECT_DB} and {SQL_DB} made from {seed_db}")
 
 
 def run_child(phase: str, url: str, as_of: date, secret_key: str, options: list[str]) -> dict[str, Any]:
@@ -537,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts to seed (default 100000)")
     parser.add_argument("--as-of", type=date.fromisoformat, default=datetime.now(UTC).date())
-    parser.add_argument("--reuse-seed", action="store_true", help="reuse bench_seed if seeded with the same N")
+    parser.add_argument(
+        "--reuse-seed", action="store_true", help="reuse bench_seed_<N> if seeded for the same --as-of"
+    )
     parser.add_argument("--profile", action="store_true", help="time the project's statements by shape")
     parser.add_argument(
         "--batch-size", type=int, help="override the data map's retention.batch_size for the project run"
@@ -572,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         base_url = str(info.settings["database_url"])
         secret_key = str(info.settings["secret_key"])
         prepare(base_url, args.accounts, args.as_of, args.reuse_seed)
-        seed_url = database_url(base_url, SEED_DB)
+        seed_url = database_url(base_url, seed_database(args.accounts))
         cutoff = datetime.combine(args.as_of, dtime(0), UTC) - timedelta(days=30)
         before = table_state(seed_url, tables)
         anonymised = expected_anonymised(seed_url, cutoff)

@@ -121,7 +121,7 @@ def nightly_retention(params: RetentionRun | None = None) -> list[dict[str, Any]
             if measured["share"] > params.max_share and not approved:
                 reports.append(_skipped(name, measured))
                 continue
-            reports.append(apply_rule(services, run_id, as_of, name, params.max_share, approved))
+            reports.append(apply_rule(services, run_id, as_of, name, params.max_share, approved, measured))
         # A rule an operator rejected is reported as skipped; the checks prove the rules that ran.
         applied = [r["rule"] for r in reports if r.get("status") != "rejected"]
         verdict = check_retention(services, run_id, as_of, applied)

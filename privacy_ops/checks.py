@@ -518,6 +518,8 @@ def _new_context(runtime_environment: dict[str, str], docs_dir: Path | None = No
             "show_how_to_buttons": False,
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            # Validation pages only: a suite's own page repeats what its validation page shows.
+            "site_section_builders": {"expectations": "None"},
         }
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
@@ -529,20 +531,10 @@ def _new_context(runtime_environment: dict[str, str], docs_dir: Path | None = No
 
 
 def _run_suite(
-    context: Any,
-    name: str,
-    asset: str,
-    batch_definition: Any,
-    specs: list[_Spec],
-    docs: list[DocsPage] | None = None,
-    **run_kwargs: Any,
+    context: Any, name: str, asset: str, batch_definition: Any, specs: list[_Spec], **run_kwargs: Any
 ) -> list[Failure]:
-    """Validate one batch against `specs` as suite `name`; return the failures, without values.
-
-    With `docs` (a context from `_new_context(..., docs_dir)`), the validation runs through a Checkpoint whose
-    UpdateDataDocsAction renders it into the docs site; the page is appended to `docs`. Never for suites whose
-    expectations hold a person's values: the pages print every expectation's arguments.
-    """
+    """Validate one batch against `specs` as suite `name`; return the failures, without values. The result is
+    kept in the context's (in-memory) validation store, where `_build_docs` finds it."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -556,10 +548,7 @@ def _run_suite(
         gx.ValidationDefinition(name=name, data=batch_definition, suite=expectations)
     )
     try:
-        if docs is None:
-            outcome = definition.run(result_format=_RESULT_FORMAT, **run_kwargs)
-        else:
-            outcome = _run_with_docs(context, name, definition, docs, **run_kwargs)
+        outcome = definition.run(result_format=_RESULT_FORMAT, **run_kwargs)
     except Exception as exc:
         # The cause is not chained: its message may quote SQL parameters, i.e. the subject's values.
         raise CheckError(f"{name} could not run: {type(exc).__name__}") from None
@@ -581,29 +570,28 @@ def _run_suite(
     return failures
 
 
-def _run_with_docs(context: Any, name: str, definition: Any, docs: list[DocsPage], **run_kwargs: Any) -> Any:
-    """Run one validation definition through a Checkpoint that updates the Data Docs site; return its result."""
-    import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
+def _build_docs(context: Any, suites: list[str]) -> list[DocsPage]:
+    """Render the validations of the context (a context from `_new_context(..., docs_dir)`) into its Data Docs
+    site, and return their pages in the order of `suites`. Never for suites whose expectations hold a person's
+    values: the pages print every expectation's arguments.
 
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name=name,
-            validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=[_DOCS_SITE])],
-            result_format=_RESULT_FORMAT,  # sample values stay out of the pages too
+    One build for all suites: GX compiles its page templates anew for every build, which cost about 0.7 s per
+    suite when each validation updated the site on its own. No index page: nothing links it (it is filled by
+    JavaScript from public CDNs, see `data_docs`), and rendering it took a third of the build."""
+    context.build_data_docs(site_names=[_DOCS_SITE], build_index=False)
+    store = context.validation_results_store
+    site = Path(str(context.get_config().data_docs_sites[_DOCS_SITE]["store_backend"]["base_directory"]))
+    pages = []
+    for identifier in store.list_keys():
+        (url,) = (
+            s["site_url"]
+            for s in context.get_docs_sites_urls(resource_identifier=identifier, site_name=_DOCS_SITE)
         )
-    )
-    result = checkpoint.run(**run_kwargs)
-    (identifier, outcome), *_ = result.run_results.items()
-    # The page's path mirrors the identifier (suite name split at dots, run name, run time, batch id).
-    site = str(context.get_config().data_docs_sites[_DOCS_SITE]["store_backend"]["base_directory"])
-    (url,) = (
-        s["site_url"] for s in context.get_docs_sites_urls(resource_identifier=identifier, site_name=_DOCS_SITE)
-    )
-    page = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve().relative_to(Path(site).resolve())
-    docs.append(DocsPage(suite=name, success=bool(outcome.success), path=page.as_posix()))
-    return outcome
+        # The page's path mirrors the identifier (suite name split at dots, run name, run time, batch id).
+        page = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve().relative_to(site.resolve())
+        suite = identifier.expectation_suite_identifier.name
+        pages.append(DocsPage(suite=suite, success=bool(store.get(identifier).success), path=page.as_posix()))
+    return sorted(pages, key=lambda page: suites.index(page.suite))
 
 
 def _exception_class(exception_info: Mapping[str, Any] | None) -> str | None:
@@ -769,14 +757,7 @@ def _retention_plans(datamap: DataMap, rules: Iterable[str], as_of: Any) -> list
 
     from privacy_ops.datamap.model import Anonymiser, RetentionAction
     from privacy_ops.datamap.sql import table_clause
-    from privacy_ops.retention import (
-        CONTACT_PATTERN,
-        Clock,
-        _conditions,
-        _ip_prefix,
-        _not_held_row,
-        selection,
-    )
+    from privacy_ops.retention import CONTACT_PATTERN, Clock, expired, ip_prefix, not_held_row, selection
 
     def sql(statement: Any) -> str:
         compiled = statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
@@ -803,7 +784,7 @@ def _retention_plans(datamap: DataMap, rules: Iterable[str], as_of: Any) -> list
             for column, anonymiser in rule.columns.items():
                 value = target.c[column]
                 if anonymiser == Anonymiser.truncate_ip:
-                    truncated = case((value.is_(None), True), else_=func.masklen(value) <= _ip_prefix(value))
+                    truncated = case((value.is_(None), True), else_=func.masklen(value) <= ip_prefix(value))
                     columns.append(truncated.label(column))
                     specs.append(_Spec("anonymised", column, "ExpectColumnValuesToBeInSet", {"value_set": [True]}))
                 elif anonymiser == Anonymiser.set_null:
@@ -819,9 +800,7 @@ def _retention_plans(datamap: DataMap, rules: Iterable[str], as_of: Any) -> list
                         _Spec("anonymised", column, "ExpectColumnValuesToBeInSet", {"value_set": [False]})
                     )
             spec = datamap.table(rule.table)
-            past_clock = select(*columns).where(
-                _conditions(clock, rule, target), _not_held_row(clock, target, spec)
-            )
+            past_clock = select(*columns).where(expired(clock, rule, target), not_held_row(clock, target, spec))
             plans.append((f"{name}.anonymised", sql(past_clock), specs))
     return plans
 
@@ -847,7 +826,7 @@ def retention_checks(
     subject's values in their expectations and never render docs.)
     """
     plans = _retention_plans(datamap, list(rules), as_of)
-    docs: list[DocsPage] | None = None if docs_dir is None else []
+    docs: list[DocsPage] = []
     if docs_dir is not None:
         docs_dir = Path(docs_dir).resolve()
         docs_dir.mkdir(parents=True, exist_ok=True)
@@ -857,12 +836,13 @@ def retention_checks(
             "cellcms", connection_string="${" + _DATABASE_URL_VARIABLE + "}", kwargs={"hide_parameters": True}
         )
         engine = postgres.get_execution_engine().engine
-        count, failures = 0, []
+        count, failures, suites = 0, [], []
         try:
             _fetch_no_rows_of(engine, {query for _, query, _ in plans})
             for asset_name, query, specs in plans:
                 batch = postgres.add_query_asset(asset_name, query=query).add_batch_definition_whole_table("all")
-                failures += _run_suite(context, f"retention.{asset_name}", asset_name, batch, specs, docs)
+                suites.append(f"retention.{asset_name}")
+                failures += _run_suite(context, suites[-1], asset_name, batch, specs)
                 count += len(specs)
         finally:
             engine.dispose()
@@ -871,18 +851,13 @@ def retention_checks(
             specs = [_Spec("leftover", "folder", "ExpectColumnValuesToBeNull")]
             batch = context.data_sources.add_pandas("listings").add_dataframe_asset("s3_exports")
             batch = batch.add_batch_definition_whole_dataframe("all")
+            suites.append("retention.s3_exports")
             failures += _run_suite(
-                context,
-                "retention.s3_exports",
-                "s3_exports",
-                batch,
-                specs,
-                docs,
-                batch_parameters={"dataframe": s3_leftovers},
+                context, suites[-1], "s3_exports", batch, specs, batch_parameters={"dataframe": s3_leftovers}
             )
             count += len(specs)
+        if docs_dir is not None:
+            docs.extend(_build_docs(context, suites))
         return count, failures
 
-    return _gx_run(
-        "retention", body, {_DATABASE_URL_VARIABLE: database_url}, docs_dir, () if docs is None else docs
-    )
+    return _gx_run("retention", body, {_DATABASE_URL_VARIABLE: database_url}, docs_dir, docs)

@@ -39,19 +39,31 @@ def context(services: Services, run_id: str, as_of: date) -> retention.Context:
     )
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
+@step(retries=2, retry_delay_seconds=10)
 def measure_rule(services: Services, run_id: str, as_of: date, rule: str) -> dict[str, Any]:
-    """How much of its table a rule would change now: rows, total, share."""
+    """How much of its table a rule would change now: rows, total, share. Persisted like apply_rule, so a retried
+    or resumed flow run keeps the share the operator approved and finds apply_rule's inputs, and result, as they
+    were."""
     share = retention.measure_share(context(services, run_id, as_of), rule)
     return {"rule": rule, "table": share.table, "rows": share.rows, "total": share.total, "share": share.share}
 
 
 @step(retries=2, retry_delay_seconds=10)
 def apply_rule(
-    services: Services, run_id: str, as_of: date, rule: str, max_share: float, approved: bool
+    services: Services,
+    run_id: str,
+    as_of: date,
+    rule: str,
+    max_share: float,
+    approved: bool,
+    measured: dict[str, Any],
 ) -> dict[str, Any]:
-    """Locate and act on one rule in audited batches; returns its counts (earlier attempts' batches included)."""
-    report = retention.apply_rule(context(services, run_id, as_of), rule, max_share=max_share, approved=approved)
+    """Locate and act on one rule in audited batches; returns its counts (earlier attempts' batches included).
+    `measured` is measure_rule's answer just before: the rule's share is not counted again."""
+    share = retention.Share(rule, measured["table"], measured["rows"], measured["total"])
+    report = retention.apply_rule(
+        context(services, run_id, as_of), rule, max_share=max_share, approved=approved, share=share
+    )
     return report.summary()
 
 

@@ -48,6 +48,7 @@ class Plan:
     held: int  # deleted 40 days ago but under legal hold: untouched
     minors: list[int]
     stripe_customer: str
+    kept_document: int  # written by account 23 in a project that stays, naming its author: kept, redacted
     hold_id: int = 0
 
 
@@ -112,13 +113,22 @@ def plan(cellcms: Settings, engine: Engine) -> Plan:
         customer = connection.execute(
             text("SELECT stripe_customer_id FROM billing_profiles WHERE account_id = :id"), {"id": with_stripe}
         ).scalar_one()
+        kept_document = connection.execute(
+            text(
+                "INSERT INTO documents (id, project_id, author_account_id, title, body, created_at, updated_at) "
+                "SELECT (SELECT max(id) + 1 FROM documents), p.id, a.id, 'Notes by ' || a.full_name, "
+                "'Ask ' || a.full_name || ' at ' || a.email || '.', now(), now() "
+                "FROM accounts a, projects p WHERE a.id = 23 AND p.owner_account_id = :owner LIMIT 1 RETURNING id"
+            ),
+            {"owner": others[0]},
+        ).scalar_one()
     minors = _ids(
         engine,
         "SELECT id FROM accounts WHERE is_minor_flagged OR birth_date > current_date - interval '16 years' "
         "ORDER BY id",
     )
     assert {21, 22} <= set(minors)
-    return Plan(long_ago, with_stripe, recently, held, minors, customer)
+    return Plan(long_ago, with_stripe, recently, held, minors, customer, kept_document)
 
 
 def _ctx(settings: Settings, run_id: str, as_of: date, **datamap_changes: Any) -> retention.Context:
@@ -257,9 +267,13 @@ def test_dry_run_then_crashed_run_resumed(
     expected = {r["rule"]: r for r in preview}
     assert expected["access_log_network_data"]["selected"] > 40
 
-    # A crash: the rules before the log rule finished, the log rule acted on two batches of 20 rows, then the
-    # process died. The flow resumes the same retention run.
+    # A crash: the content rule died after its first batch of one account, was resumed and finished; so did the
+    # rules up to the log rule, which acted on two batches of 20 rows, then the process died. The flow resumes the
+    # same retention run.
     mail_before = len(read_mail())
+    one_by_one = _ctx(cellcms, RESUMED_RUN, TODAY, batch_size=1)
+    first = retention.apply_rule(one_by_one, "deleted_account_content", max_share=1.0, max_batches=1)
+    assert first.selected == 1
     crashed = _ctx(cellcms, RESUMED_RUN, TODAY, batch_size=20)
     names = retention.rule_names(crashed.datamap)
     for name in names[: names.index("access_log_network_data")]:
@@ -276,6 +290,8 @@ def test_dry_run_then_crashed_run_resumed(
         assert actual[rule]["stores"] == preview_report["stores"], rule
         assert actual[rule]["tables"] == preview_report["tables"], rule
     assert actual["access_log_network_data"]["resumed_batches"] == 2
+    # The content rule's rescan passed over the account its first batch had finished: counted once.
+    assert actual["deleted_account_content"]["resumed_batches"] == 2
 
     with engine.connect() as connection:
         keys = (
@@ -312,6 +328,14 @@ def test_end_state(
         assert _s3_versions(s3, cellcms.content_bucket, f"accounts/{account_id}/") == 0
     with pytest.raises(stripe.InvalidRequestError):
         stripe_client.v1.customers.retrieve(plan.stripe_customer)
+    # A document the deleted account wrote in a project that stays: kept, without its author, and redacted of the
+    # author's own identifiers.
+    with engine.connect() as connection:
+        author, title, body = connection.execute(
+            text("SELECT author_account_id, title, body FROM documents WHERE id = :id"), {"id": plan.kept_document}
+        ).one()
+    assert author is None
+    assert (title, body) == ("Notes by [redacted]", "Ask [redacted] at [redacted].")
     for account_id in (plan.deleted_recently, plan.held):
         assert _scalar(engine, "SELECT count(*) FROM accounts WHERE id = :i", i=account_id) == 1
         assert _scalar(engine, "SELECT count(*) FROM page_views WHERE account_id = :i", i=account_id) >= 0
