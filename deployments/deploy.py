@@ -49,6 +49,30 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         ("privacy-request", "erasure"),
     ),
     Deployment(
+        "restriction-request",
+        "flows/restriction_request.py:restriction_request",
+        "Right to restriction: keep the data, take the account out of every restrictable processing, prove it.",
+        ("privacy-request", "restriction"),
+    ),
+    Deployment(
+        "lift-restriction",
+        "flows/lift_restriction.py:lift_restriction",
+        "Lift a completed restriction: the person is told first, then it is lifted and recorded.",
+        ("privacy-request", "restriction"),
+    ),
+    Deployment(
+        "objection-request",
+        "flows/objection_request.py:objection_request",
+        "Right to object: stop the named purposes, delete what was collected for them only, withdraw consent.",
+        ("privacy-request", "objection"),
+    ),
+    Deployment(
+        "opt-out-request",
+        "flows/opt_out_request.py:opt_out_request",
+        "CCPA opt-out of sale/sharing (and Global Privacy Control): recorded, sharing flags off, no code asked.",
+        ("privacy-request", "opt-out"),
+    ),
+    Deployment(
         "nightly-retention",
         "flows/nightly_retention.py:nightly_retention",
         "Every time limit of the privacy policy, enforced set-based and verified; manual runs may be dry runs.",

@@ -7,10 +7,11 @@ StackError) are printed by `main()` as one line on stderr with exit code 1, neve
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -148,7 +149,7 @@ request_app = typer.Typer(
         "the address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` "
         "(or the Prefect UI's resume form)."
     ),
-    short_help="Start an access or erasure request.",
+    short_help="Start a privacy request (access, erasure, restriction, objection, opt-out, ...).",
     no_args_is_help=True,
 )
 app.add_typer(request_app, name="request")
@@ -162,31 +163,53 @@ ResumeOption = Annotated[
 ]
 
 
-def _run_request(
-    right: str, email: str | None, account_id: int | None, regulation: str, requested_by: str, resume: str | None
-) -> None:
-    _point_prefect_at_stack()
+# Each right's flow, imported only when its command runs (Prefect and GX are slow to import).
+REQUEST_FLOWS = {
+    "access": "flows.access_request:access_request",
+    "erasure": "flows.erasure_request:erasure_request",
+    "restriction": "flows.restriction_request:restriction_request",
+    "objection": "flows.objection_request:objection_request",
+    "opt_out": "flows.opt_out_request:opt_out_request",
+}
+
+
+def _flow(reference: str) -> Any:
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _validated(model: Any, values: dict[str, Any]) -> Any:
+    """A flow parameter model from command-line values; a bad value is a usage error, not a traceback."""
     from pydantic import ValidationError
 
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
+        raise typer.BadParameter(problems) from None
+
+
+def _run_request(
+    right: str,
+    email: str | None,
+    account_id: int | None,
+    regulation: str,
+    requested_by: str,
+    resume: str | None,
+    **parameters: Any,
+) -> None:
+    _point_prefect_at_stack()
     from flows.parameters import SubjectIntake
 
     intake = None
     if resume is None:
-        try:
-            # model_validate: pydantic coerces the option's str to `Regulation` and reports a bad value as a
-            # ValidationError, like the constructor; the constructor's static signature wants the enum.
-            intake = SubjectIntake.model_validate(
-                {"email": email, "account_id": account_id, "regulation": regulation, "requested_by": requested_by}
-            )
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
-            raise typer.BadParameter(problems) from None
-    if right == "access":
-        from flows.access_request import access_request as flow_fn
-    else:
-        from flows.erasure_request import erasure_request as flow_fn
+        intake = _validated(
+            SubjectIntake,
+            {"email": email, "account_id": account_id, "regulation": regulation, "requested_by": requested_by},
+        )
+    flow_fn = _flow(REQUEST_FLOWS[right])
     typer.echo(f"starting the {right} request; the request id appears below once it is registered")
-    status = flow_fn(intake=intake, resume_request_id=resume)
+    status = flow_fn(intake=intake, resume_request_id=resume, **parameters)
     typer.echo(f"request finished: {status}")
 
 
@@ -212,6 +235,67 @@ def request_erasure(
 ) -> None:
     """Right to erasure / right to delete: remove everything the law lets us remove, and prove it."""
     _run_request("erasure", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("restriction")
+def request_restriction(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to restriction: keep the data, take the account out of every restrictable processing."""
+    _run_request("restriction", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("objection")
+def request_objection(
+    purpose: Annotated[
+        list[str], typer.Option("--purpose", help="A purpose objected to, as the data map names it (repeatable).")
+    ],
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to object: stop the named purposes (analytics, marketing, product_research) and delete their data."""
+    from flows.parameters import Objection
+
+    objection = _validated(Objection, {"purposes": purpose})
+    _run_request("objection", email, account_id, regulation, requested_by, resume, objection=objection)
+
+
+@request_app.command("opt-out")
+def request_opt_out(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "CCPA",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+    gpc: Annotated[
+        bool, typer.Option("--gpc", help="The request came as a Global Privacy Control signal.")
+    ] = False,
+) -> None:
+    """CCPA opt-out of sale/sharing (CellCMS sells none): recorded, sharing flags switched off, no code asked."""
+    _run_request("opt_out", email, account_id, regulation, requested_by, resume, global_privacy_control=gpc)
+
+
+@request_app.command("lift-restriction")
+def request_lift_restriction(
+    request_id: Annotated[str, typer.Argument(help="The completed restriction request, e.g. req_1a2b3c4d5e.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why it is lifted; told to the person.")],
+    lifted_by: Annotated[str, typer.Option("--by", help="The operator lifting it.")],
+) -> None:
+    """Lift a restriction of processing: the person is told first, then it is lifted and recorded."""
+    _point_prefect_at_stack()
+    from flows.parameters import LiftRestriction
+
+    lifting = _validated(
+        LiftRestriction, {"restriction_request_id": request_id, "reason": reason, "lifted_by": lifted_by}
+    )
+    typer.echo(f"restriction of {request_id}: {_flow('flows.lift_restriction:lift_restriction')(lifting=lifting)}")
 
 
 @app.command("verify")
@@ -394,8 +478,8 @@ def deploy(
 def demo(
     accounts: Annotated[int, typer.Option(help="How many synthetic accounts to seed.", min=20)] = 1000,
 ) -> None:
-    """The main job on embedded defaults: start the stack, seed CellCMS, run an access and an erasure request
-    end to end (codes read from the SMTP sink), and report what was found, exported, erased and retained."""
+    """The main job on embedded defaults: start the stack, seed CellCMS, run a request of every right end to end
+    (codes read from the SMTP sink), and report what was found, exported, erased, retained and stopped."""
     from privacy_ops.demo import run_demo
 
     run_demo(accounts, typer.echo)
