@@ -124,7 +124,7 @@ def locate_subject(services: Services, request_id: str, email: Pii | None, accou
         )
         counts = postgres.count_records(connection, datamap, account_ids) if account_ids else {}
         customer_ids = stripe_customer_ids(connection, services, account_ids)
-        terms = processing.service_terms(connection, datamap, account_ids) if account_ids else {}
+        terms = _service_terms(connection, services, account_ids)
     s3_objects = sum(
         len(s3_store.list_versions(services.s3, bucket, prefix))
         for bucket, prefix in s3_prefixes(services, account_ids)
@@ -296,16 +296,30 @@ def finish_request(services: Services, request_id: str, status: Status, outcome:
         _record(connection, request, "complete", status.value, outcome)
 
 
+def _service_terms(
+    connection: Connection, services: Services, account_ids: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Per account: the map's service-terms columns (plan) and what its Stripe customer pays."""
+    terms = processing.service_terms(connection, services.datamap, account_ids)
+    for account in terms:
+        customers = stripe_customer_ids(connection, services, [int(account)])
+        terms[account]["price"] = sorted(
+            p for c in customers for p in stripe_store.subscription_prices(services.stripe, c)
+        )
+    return terms
+
+
 def _non_discrimination(connection: Connection, services: Services, request: Request) -> dict[str, Any]:
-    """Exercising a right must change nothing about plan or service level: before/after per account still there."""
+    """Exercising a right must change nothing about plan, price or service level: before/after, per account still
+    there (an erased account has no terms left to compare)."""
     before: dict[str, dict[str, Any]] = request.outcome["service_terms"]
-    now = processing.service_terms(connection, services.datamap, [int(a) for a in before])
+    now = _service_terms(connection, services, [int(a) for a in before])
     changed = sorted(
         {
             field
             for account, terms in now.items()
             for field, value in terms.items()
-            if before[account][field] != value
+            if before[account].get(field) != value
         }
     )
     verdict = "not_applicable" if not now else "unchanged" if not changed else "changed"

@@ -289,7 +289,16 @@ def test_a_second_request_for_the_same_right_while_one_is_open_is_linked_not_don
     assert _subjects(read_mail, second_id) == [f"Your privacy request {second_id} is already being handled"]
     assert "processing_restricted" not in _audit_outcomes(engine, second_id)
 
+    # Meanwhile the account's plan changes: the non-discrimination check must notice and record it.
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE accounts SET plan = plan || '-changed' WHERE id = :a"), {"a": account})
     submit_code(engine, first_id, wait_for(lambda: code_from_mail(read_mail(), first_id), 60, "the first code"))
     first.wait(WAIT)
-    assert final_status(engine, first_id).status == Status.completed
+    request = final_status(engine, first_id)
+    assert request.status == Status.completed
+    assert request.outcome["non_discrimination"] == {
+        "verdict": "changed",
+        "accounts_checked": 1,
+        "changed_terms": ["plan"],
+    }
     _chain_verifies(engine)
