@@ -49,6 +49,18 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         ("privacy-request", "erasure"),
     ),
     Deployment(
+        "portability-request",
+        "flows/portability_request.py:portability_request",
+        "Right to data portability: what the person provided, as JSON, CSV and original files, by link.",
+        ("privacy-request", "portability"),
+    ),
+    Deployment(
+        "know-request",
+        "flows/know_request.py:know_request",
+        "CCPA right to know: categories held (sources, purposes, recipients) and 12 months of data, by link.",
+        ("privacy-request", "know"),
+    ),
+    Deployment(
         "restriction-request",
         "flows/restriction_request.py:restriction_request",
         "Right to restriction: keep the data, take the account out of every restrictable processing, prove it.",

@@ -170,6 +170,8 @@ REQUEST_FLOWS = {
     "restriction": "flows.restriction_request:restriction_request",
     "objection": "flows.objection_request:objection_request",
     "opt_out": "flows.opt_out_request:opt_out_request",
+    "portability": "flows.portability_request:portability_request",
+    "know": "flows.know_request:know_request",
 }
 
 
@@ -235,6 +237,32 @@ def request_erasure(
 ) -> None:
     """Right to erasure / right to delete: remove everything the law lets us remove, and prove it."""
     _run_request("erasure", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("portability")
+def request_portability(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to data portability: what the person provided (content, profile) as JSON, CSV and original files
+    with a manifest another CMS can import, delivered as a link that expires."""
+    _run_request("portability", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("know")
+def request_know(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "CCPA",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """CCPA right to know: the categories held (sources, purposes, recipients) and the specific pieces collected
+    in the 12 months before the request, delivered as a link that expires."""
+    _run_request("know", email, account_id, regulation, requested_by, resume)
 
 
 @request_app.command("restriction")

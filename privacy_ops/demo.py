@@ -52,13 +52,15 @@ def run_demo(accounts: int, echo: Echo) -> None:
     people = demo_subjects(url, limit=2)
     if len(people) < 2:
         raise RuntimeError("the sandbox has fewer than two people with every hard case: seed more accounts")
-    others = _ordinary_accounts(svc.engine, exclude=people, count=3)
+    others = _ordinary_accounts(svc.engine, exclude=people, count=5)
 
     from flows.access_request import access_request
     from flows.erasure_request import erasure_request
+    from flows.know_request import know_request
     from flows.objection_request import objection_request
     from flows.opt_out_request import opt_out_request
     from flows.parameters import Objection
+    from flows.portability_request import portability_request
     from flows.restriction_request import restriction_request
 
     access = _run(access_request, "access", people[0], svc, echo)
@@ -74,6 +76,8 @@ def run_demo(accounts: int, echo: Echo) -> None:
             objection=Objection(purposes=["analytics", "marketing"]),
         ),
         _run(opt_out_request, "opt_out", others[2], svc, echo, verify=False, global_privacy_control=True),
+        _run(portability_request, "portability", others[3], svc, echo),
+        _run(know_request, "know", others[4], svc, echo),
     ]
     _report(access, erasure, svc, echo)
     _report_rights(more, echo)
@@ -182,6 +186,17 @@ _ACTED = {
 
 def _report_rights(requests: list[DemoRequest], echo: Echo) -> None:
     for request in requests:
+        package = request.outcome.get(f"{request.right}_package")
+        if package:
+            rows = sum(package["rows_per_table"].values())
+            extra = f", categories {', '.join(package['categories'])}" if "categories" in package else ""
+            echo(
+                f"{request.right} {request.request_id}: {request.status}; package s3://{package['bucket']}/"
+                f"{package['key']}: {rows} rows in {len(package['rows_per_table'])} tables, {package['files']} "
+                f"files{extra}"
+            )
+            _report_checks(request, echo)
+            continue
         done = request.outcome.get(_ACTED.get(request.right, ""), {})
         changes = ", ".join(
             f"{table} {action.replace('_', ' ')} {count}"
