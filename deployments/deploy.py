@@ -49,6 +49,13 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         ("privacy-request", "erasure"),
     ),
     Deployment(
+        "rectification-request",
+        "flows/rectification_request.py:rectification_request",
+        "Right to rectification: correct named fields everywhere the data map holds them; a new email is "
+        "confirmed by a code sent to it first.",
+        ("privacy-request", "rectification"),
+    ),
+    Deployment(
         "portability-request",
         "flows/portability_request.py:portability_request",
         "Right to data portability: what the person provided, as JSON, CSV and original files, by link.",

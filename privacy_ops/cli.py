@@ -149,7 +149,7 @@ request_app = typer.Typer(
         "the address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` "
         "(or the Prefect UI's resume form)."
     ),
-    short_help="Start a privacy request (access, erasure, restriction, objection, opt-out, ...).",
+    short_help="Start a privacy request of any right (access, erasure, rectification, restriction, ...).",
     no_args_is_help=True,
 )
 app.add_typer(request_app, name="request")
@@ -172,6 +172,7 @@ REQUEST_FLOWS = {
     "opt_out": "flows.opt_out_request:opt_out_request",
     "portability": "flows.portability_request:portability_request",
     "know": "flows.know_request:know_request",
+    "rectification": "flows.rectification_request:rectification_request",
 }
 
 
@@ -237,6 +238,57 @@ def request_erasure(
 ) -> None:
     """Right to erasure / right to delete: remove everything the law lets us remove, and prove it."""
     _run_request("erasure", email, account_id, regulation, requested_by, resume)
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="FIELD=VALUE",
+        help="A correction; repeat for several: --set full_name='Dana Roe' --set email=dana@example.org. FIELD is "
+        "one of the data map's rectification fields; a new email is confirmed by a code sent to it.",
+        show_default=False,
+    ),
+]
+
+
+def parse_corrections(pairs: list[str]) -> dict[str, list[dict[str, str]]]:
+    """`FIELD=VALUE` options as the flow's `corrections` parameter (split at the first '=')."""
+    corrections = []
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name.strip():
+            raise typer.BadParameter("each --set takes FIELD=VALUE, e.g. --set full_name='Dana Roe'")
+        corrections.append({"field": name.strip(), "value": value})
+    return {"corrections": corrections}
+
+
+@request_app.command("rectification")
+def request_rectification(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    set_: SetOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to rectification: correct the named fields everywhere the data map holds them.
+
+    A new email address gets a second code, sent to it, entered with `privacy-ops verify` too. Refused and unknown
+    fields are answered with the reason and change nothing.
+    """
+    corrections = None
+    if resume is None:
+        if not set_:
+            raise typer.BadParameter("give at least one --set FIELD=VALUE")
+        from privacy_ops.rectification import RectificationInput
+
+        corrections = _validated(RectificationInput, parse_corrections(set_))
+    elif set_ or email or account_id:
+        raise typer.BadParameter(
+            "--resume continues a request as it was made: give no --email, --account-id or --set"
+        )
+    _run_request("rectification", email, account_id, regulation, requested_by, resume, corrections=corrections)
 
 
 @request_app.command("portability")
@@ -340,13 +392,18 @@ def verify(
     _point_prefect_at_stack()
     from privacy_ops.lifecycle import audit, verification
     from privacy_ops.lifecycle.requests import Status, get_request, set_status
+    from privacy_ops.rectification import awaiting_new_email_code, submit_new_email_code
     from privacy_ops.runner import continue_after_operator_verification, submit_code
     from privacy_ops.services import services
 
     svc = services()
+    # A rectification's new email address is confirmed only by the code sent to it.
+    new_email = awaiting_new_email_code(svc.engine, request_id)
     if verified_by is not None:
         if not reason:
             raise typer.BadParameter("--reason is required with --verified-by")
+        if new_email:
+            raise typer.BadParameter("a new email address is confirmed only by the code sent to it")
         with svc.engine.begin() as connection:
             request = get_request(connection, request_id)
             verification.record_operator_verification(
@@ -366,7 +423,7 @@ def verify(
         return
     if code is None:
         raise typer.BadParameter("give the CODE, or --verified-by NAME --reason TEXT")
-    state = submit_code(svc.engine, request_id, code)
+    state = (submit_new_email_code if new_email else submit_code)(svc.engine, request_id, code)
     if state.status == verification.VerificationStatus.pending:
         typer.echo(f"{request_id}: wrong code, {state.attempts_left} attempt(s) left")
         raise typer.Exit(1)

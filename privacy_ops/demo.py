@@ -52,7 +52,7 @@ def run_demo(accounts: int, echo: Echo) -> None:
     people = demo_subjects(url, limit=2)
     if len(people) < 2:
         raise RuntimeError("the sandbox has fewer than two people with every hard case: seed more accounts")
-    others = _ordinary_accounts(svc.engine, exclude=people, count=5)
+    others = _ordinary_accounts(svc.engine, exclude=people, count=6)
 
     from flows.access_request import access_request
     from flows.erasure_request import erasure_request
@@ -61,7 +61,9 @@ def run_demo(accounts: int, echo: Echo) -> None:
     from flows.opt_out_request import opt_out_request
     from flows.parameters import Objection
     from flows.portability_request import portability_request
+    from flows.rectification_request import rectification_request
     from flows.restriction_request import restriction_request
+    from privacy_ops.rectification import RectificationInput
 
     access = _run(access_request, "access", people[0], svc, echo)
     erasure = _run(erasure_request, "erasure", people[1], svc, echo)
@@ -78,6 +80,22 @@ def run_demo(accounts: int, echo: Echo) -> None:
         _run(opt_out_request, "opt_out", others[2], svc, echo, verify=False, global_privacy_control=True),
         _run(portability_request, "portability", others[3], svc, echo),
         _run(know_request, "know", others[4], svc, echo),
+        _run(
+            rectification_request,
+            "rectification",
+            others[5],
+            svc,
+            echo,
+            corrections=RectificationInput.model_validate(
+                {
+                    "corrections": [
+                        {"field": "full_name", "value": "Corrected Demo Name"},
+                        {"field": "billing_address_city", "value": "Corrected City"},
+                        {"field": "invoice_history", "value": "ask to change an invoice"},
+                    ]
+                }
+            ),
+        ),
     ]
     _report(access, erasure, svc, echo)
     _report_rights(more, echo)
@@ -196,6 +214,15 @@ def _report_rights(requests: list[DemoRequest], echo: Echo) -> None:
                 f"files{extra}"
             )
             _report_checks(request, echo)
+            continue
+        corrected = request.outcome.get("rectification")
+        if corrected:
+            fields, refused = (
+                ", ".join(corrected["corrected"]) or "nothing",
+                ", ".join(corrected["refused"]) or "none",
+            )
+            echo(f"{request.right} {request.request_id}: {request.status}; corrected {fields}; refused: {refused}")
+            echo(f"  PostgreSQL {corrected['postgres']}; Stripe {corrected['stripe'] or 'no customer'}")
             continue
         done = request.outcome.get(_ACTED.get(request.right, ""), {})
         changes = ", ".join(
