@@ -204,37 +204,35 @@ _ACTED = {
 
 def _report_rights(requests: list[DemoRequest], echo: Echo) -> None:
     for request in requests:
-        package = request.outcome.get(f"{request.right}_package")
-        if package:
-            rows = sum(package["rows_per_table"].values())
-            extra = f", categories {', '.join(package['categories'])}" if "categories" in package else ""
-            echo(
-                f"{request.right} {request.request_id}: {request.status}; package s3://{package['bucket']}/"
-                f"{package['key']}: {rows} rows in {len(package['rows_per_table'])} tables, {package['files']} "
-                f"files{extra}"
-            )
-            _report_checks(request, echo)
-            continue
-        corrected = request.outcome.get("rectification")
-        if corrected:
-            fields, refused = (
-                ", ".join(corrected["corrected"]) or "nothing",
-                ", ".join(corrected["refused"]) or "none",
-            )
-            echo(f"{request.right} {request.request_id}: {request.status}; corrected {fields}; refused: {refused}")
-            echo(f"  PostgreSQL {corrected['postgres']}; Stripe {corrected['stripe'] or 'no customer'}")
-            continue
-        done = request.outcome.get(_ACTED.get(request.right, ""), {})
-        changes = ", ".join(
-            f"{table} {action.replace('_', ' ')} {count}"
-            for table, actions in done.items()
-            for action, count in actions.items()
-            if count
-        )
+        echo(f"{request.right} {request.request_id}: {request.status}; {_what_was_done(request)}")
         fairness = request.outcome.get("non_discrimination", {}).get("verdict", "not checked")
-        echo(f"{request.right} {request.request_id}: {request.status}; {changes or 'nothing to change'}")
-        echo(f"  non-discrimination (plan and service level before/after): {fairness}")
-        _report_checks(request, echo)
+        echo(f"  non-discrimination (plan, price before/after): {fairness}")
+        if "checks" in request.outcome:
+            _report_checks(request, echo)
+
+
+def _what_was_done(request: DemoRequest) -> str:
+    """One line of counts from the request's outcome (no personal data is in an outcome)."""
+    outcome = request.outcome
+    package = outcome.get(f"{request.right}_package")
+    if package:
+        rows, tables = sum(package["rows_per_table"].values()), len(package["rows_per_table"])
+        categories = f"; categories {', '.join(package['categories'])}" if "categories" in package else ""
+        return f"s3://{package['bucket']}/{package['key']}: {rows} rows in {tables} tables{categories}"
+    corrected = outcome.get("rectification")
+    if corrected:
+        places = ", ".join(corrected["postgres"].get("corrected", {}))
+        stripe = corrected["stripe"].get("customers_corrected", 0) if corrected["stripe"] else 0
+        refused = ", ".join(corrected["refused"]) or "none"
+        return f"corrected {places or 'nothing'}, {stripe} Stripe customer(s); refused with reason: {refused}"
+    done = outcome.get(_ACTED.get(request.right, ""), {})
+    changes = ", ".join(
+        f"{table} {action.replace('_', ' ')} {count}"
+        for table, actions in done.items()
+        for action, count in actions.items()
+        if count
+    )
+    return changes or "nothing to change"
 
 
 def _report_audit(svc: Any, echo: Echo) -> None:
