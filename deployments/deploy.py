@@ -77,7 +77,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         "lift-restriction",
         "flows/lift_restriction.py:lift_restriction",
         "Lift a completed restriction: the person is told first, then it is lifted and recorded.",
-        ("privacy-request", "restriction"),
+        ("operations", "lift-restriction"),
     ),
     Deployment(
         "objection-request",
