@@ -431,3 +431,214 @@ def send_operator_mail(smtp_settings: SmtpSettings | Settings, to: str, subject:
     smtp = _smtp(smtp_settings)
     message = _message(smtp, subject=subject, message_id=make_msgid(domain=MESSAGE_ID_DOMAIN), text_body=text)
     _deliver(smtp, message, Pii(to), what="operator mail")  # no subject: callers may put anything in it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notices to many people: breach notification (policy section 3) and policy changes (section 9)
+#
+# Not tied to a request: `privacy_ops.notices` sends one notice to thousands of accounts in batches, over one SMTP
+# connection per batch, with its own exactly-once record per recipient (privacy_ops.notice_deliveries). Here: the
+# wording (`<kind>.txt|.html` on `_notice_layout`), the message, and sending it on an open connection. A notice
+# is the same text for everyone (no names): it is rendered once and addressed per recipient.
+# ---------------------------------------------------------------------------------------------------------------
+
+# How the policy's categories of personal data (section 1) read in a notice.
+CATEGORY_LABELS: dict[str, str] = {
+    "account": "account information (name, email address, phone number, password in hashed form)",
+    "billing": "billing information (billing name, address and VAT number, invoices; cards are held by Stripe)",
+    "content": "content you created or uploaded (projects, documents, assets, schemas)",
+    "communications": "messages to our support team and survey answers",
+    "usage": "usage data (pages visited, features used, API call volumes)",
+    "device": "device information (browser, operating system, device identifiers, screen resolution)",
+    "logs": "log data (IP addresses, access times, referring URLs, error logs)",
+    "cookies": "cookie consents and preference settings",
+}
+
+# Notice references go into subjects and Message-IDs: "breach.<incident id>" or "policy.<version>".
+_NOTICE_REFERENCE = re.compile(r"(breach|policy)\.[a-z0-9][a-z0-9.-]{1,80}")
+
+
+@dataclass(frozen=True)
+class _NoticeKind:
+    subject: str  # str.format with reference and the context's values
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+
+NOTICE_KINDS: dict[str, _NoticeKind] = {
+    "breach_notice": _NoticeKind(
+        "Important: a security incident involving your CellCMS data (ref. {reference})",
+        frozenset({"description", "categories", "consequences", "measures", "detected_at"}),
+        frozenset({"advice"}),
+    ),
+    "policy_notice": _NoticeKind(
+        "We are updating the CellCMS Privacy Policy (version {version})",
+        frozenset({"version", "effective_on", "changes", "policy_url"}),
+    ),
+}
+
+
+class DeliveryUncertain(NotificationError):
+    """The connection broke while a message was being handed over: the server may or may not have accepted it."""
+
+
+class RecipientRefused(NotificationError):
+    """The server refused this recipient (`smtp_code`); other recipients may still be sent to."""
+
+
+def check_notice_reference(reference: str) -> None:
+    if not _NOTICE_REFERENCE.fullmatch(reference):
+        raise ValueError("notice reference must be 'breach.<id>' or 'policy.<version>' (a-z, 0-9, '.', '-')")
+
+
+def _check_notice_context(kind: str, spec: _NoticeKind, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the context of one notice kind (names keys, never values) and shape it for the templates."""
+    unknown = sorted(set(context) - spec.required - spec.optional)
+    if unknown:
+        raise ValueError(f"{kind} email takes no {', '.join(unknown)}: it gets only what it needs")
+    missing = sorted(name for name in spec.required if context.get(name) in (None, "", []))
+    if missing:
+        raise ValueError(f"{kind} email needs {', '.join(missing)}")
+    values: dict[str, Any] = {name: context.get(name) for name in spec.required | spec.optional}
+    if kind == "breach_notice":
+        categories = [str(c) for c in values["categories"]]
+        unknown_categories = [c for c in categories if c not in CATEGORY_LABELS]
+        if unknown_categories:
+            raise ValueError(f"breach_notice email: no wording for {len(unknown_categories)} category(ies)")
+        values["categories"] = [CATEGORY_LABELS[c] for c in categories]
+        if not isinstance(values["detected_at"], datetime):
+            raise ValueError("breach_notice email: detected_at must be a datetime")
+    if kind == "policy_notice":
+        if not isinstance(values["effective_on"], date):
+            raise ValueError("policy_notice email: effective_on must be a date")
+        if not str(values["policy_url"]).startswith("https://"):
+            raise ValueError("policy_notice email: policy_url must be an https URL")
+    return values
+
+
+def render_notice(kind: str, reference: str, context: Mapping[str, Any]) -> RenderedEmail:
+    """Subject, plain text and HTML of a notice; the same for every recipient. ValueError for bad input."""
+    spec = NOTICE_KINDS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown notice kind {kind!r}; one of {', '.join(NOTICE_KINDS)}")
+    check_notice_reference(reference)
+    values = _check_notice_context(kind, spec, context)
+    subject = spec.subject.format(reference=reference, **values)
+    values.update(reference=reference, subject=subject, contact=CONTACT_EMAIL)
+    return RenderedEmail(
+        subject=subject,
+        text=_ENVIRONMENT.get_template(f"{kind}.txt").render(values),
+        html=_ENVIRONMENT.get_template(f"{kind}.html").render(values),
+    )
+
+
+def notice_message_id(reference: str, account_id: int) -> str:
+    """Deterministic per notice and recipient: any copy of one person's notice carries the same Message-ID."""
+    check_notice_reference(reference)
+    return f"<{reference}.{int(account_id)}@{MESSAGE_ID_DOMAIN}>"
+
+
+# An address that can go into a header as it is (dot-atom local part, plain domain). Others take the slow path.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,255}")
+
+
+@dataclass(frozen=True)
+class PreparedNotice:
+    """A rendered notice serialised once (every header but To and Message-ID, CRLF line ends), so that each
+    recipient's copy costs two header lines rather than a MIME build: thousands of recipients per run."""
+
+    rendered: RenderedEmail
+    data: bytes
+
+
+def prepare_notice(smtp: SmtpSettings, rendered: RenderedEmail) -> PreparedNotice:
+    message = _message(
+        smtp, subject=rendered.subject, message_id="<x@x>", text_body=rendered.text, html_body=rendered.html
+    )
+    del message["Message-ID"]
+    return PreparedNotice(rendered, message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
+
+
+def connect_for_notices(smtp: SmtpSettings) -> smtplib.SMTP:
+    """`connect`, minus building a TLS context (it loads the CA bundle, ~0.1 s) for a plain connection: a notice
+    opens one connection per batch, many batches per run."""
+    if smtp.security != "none":
+        return connect(smtp)
+    client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
+    try:
+        if smtp.username:
+            client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def send_on(
+    client: smtplib.SMTP, smtp: SmtpSettings, notice: PreparedNotice, to: Pii, message_id: str, *, what: str
+) -> None:
+    """Send one recipient's copy of `notice` on an open connection (from `connect`); the address is revealed only
+    here.
+
+    Raises RecipientRefused when the server refused this recipient, NotificationError when it refused the sender
+    or the data (`smtp_code` set; certainly not accepted), DeliveryUncertain when the connection broke or timed
+    out while handing it over (it may have been accepted). Messages name `what` and the SMTP code, never the
+    address.
+    """
+    failure: str | None = None
+    code: int | None = None
+    uncertain = refused = False
+    try:
+        address = to.reveal()
+        if _PLAIN_ADDRESS.fullmatch(address):
+            head = f"To: {address}\r\nMessage-ID: {message_id}\r\n".encode("ascii")
+            client.sendmail(smtp.mail_from, [address], head + notice.data)
+        else:  # quoted local parts, international addresses: let the email package encode them
+            message = _message(
+                smtp,
+                subject=notice.rendered.subject,
+                message_id=message_id,
+                text_body=notice.rendered.text,
+                html_body=notice.rendered.html,
+            )
+            message["To"] = address
+            client.send_message(message, from_addr=smtp.mail_from, to_addrs=[address])
+    except smtplib.SMTPRecipientsRefused as error:
+        code = min(int(reply[0]) for reply in error.recipients.values())
+        failure, refused = f"recipient refused, SMTP {code}", True
+    except smtplib.SMTPResponseException as error:
+        code = int(error.smtp_code)
+        failure = f"SMTP {code} ({type(error).__name__})"
+    except (smtplib.SMTPException, OSError) as error:  # disconnected, timed out, TLS broke: mid-conversation
+        uncertain = True
+        failure = f"connection to SMTP server {smtp.host}:{smtp.port} lost ({type(error).__name__})"
+    except (ValueError, UnicodeError) as error:  # an address the email package cannot encode
+        failure, refused = f"address not usable ({type(error).__name__})", True
+    if failure is not None:
+        if uncertain:
+            raise DeliveryUncertain(f"{what}: {failure}; the server may have accepted it")
+        if refused:
+            raise RecipientRefused(f"{what} not sent: {failure}", smtp_code=code)
+        raise NotificationError(f"{what} not sent: {failure}", smtp_code=code)
+
+
+def send_operator_mail_once(
+    engine: Engine,
+    smtp_settings: SmtpSettings | Settings,
+    *,
+    key: str,
+    kind: str,
+    to: str,
+    subject: str,
+    text: str,
+) -> bool:
+    """`send_operator_mail` once per (key, kind), with `send_once`'s protocol and window; True if sent now."""
+    keys = {"request_id": key, "kind": kind}
+    with engine.begin() as connection:
+        connection.execute(_CLAIM, {**keys, "message_id": make_msgid(domain=MESSAGE_ID_DOMAIN)})
+    with engine.begin() as connection:
+        if connection.execute(_LOCK, keys).one().status == "sent":
+            return False
+        send_operator_mail(smtp_settings, to, subject, text)
+        connection.execute(_MARK_SENT, keys)
+    return True

@@ -150,3 +150,49 @@ def ensure_schema(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('privacy_ops.ensure_schema'))"))
     connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
     metadata.create_all(connection, checkfirst=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notices to many people (privacy_ops/notices.py): breach notifications (policy section 3) and policy-change
+# notices (section 9). One row per notice; its content (the texts every recipient reads, the selection) is kept so
+# that a rerun can be told apart from a different notice under the same id. No personal data: the texts are checked
+# for email and IP addresses before they are stored, recipients are account ids.
+# ---------------------------------------------------------------------------------------------------------------
+
+from sqlalchemy import Index  # noqa: E402  (only the notice tables use it)
+
+notices = Table(
+    "notices",
+    metadata,
+    Column("id", Text, primary_key=True),  # "breach.<breach id>" | "policy.<version>"
+    Column("kind", Text, nullable=False),  # breach | policy
+    Column("policy_version", Text, unique=True),  # policy notices: the version announced (once per version)
+    # open = recorded, recipients not chosen yet | rejected = nothing sent (see outcome) | selected = recipients
+    # recorded | completed = nobody left to send to
+    Column("status", Text, nullable=False),
+    Column("content", JSONB, nullable=False),  # the parameters that define the notice (not batch size or rate)
+    Column("content_hash", Text, nullable=False),
+    Column("requested_by", Text, nullable=False),
+    Column("report", JSONB, nullable=False, server_default="{}"),  # breach: the supervisory authority's summary
+    Column("outcome", JSONB, nullable=False, server_default="{}"),  # delivery counts, or why it was rejected
+    Column("created_at", TS, nullable=False),
+    Column("selected_at", TS),
+    Column("completed_at", TS),
+)
+
+# One row per notice and recipient, inserted when the recipients are chosen: the exactly-once record.
+# pending -> claimed (in a batch, not handed to SMTP yet; a dead run's claims go back to pending) -> sending (being
+# handed to SMTP right now) -> sent | failed (refused by the server) | no_address | not_active (deleted since);
+# a row found 'sending' after its run died becomes 'unconfirmed' and is never sent again (at most once).
+notice_deliveries = Table(
+    "notice_deliveries",
+    metadata,
+    Column("notice_id", Text, primary_key=True),
+    Column("account_id", BigInteger, primary_key=True),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("batch", Integer),
+    Column("claimed_at", TS),
+    Column("sent_at", TS),
+    Column("smtp_code", Integer),  # a refusal's SMTP reply code
+    Index("notice_deliveries_by_status", "notice_id", "status", "account_id"),
+)
