@@ -92,6 +92,18 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         ("privacy-request", "opt-out"),
     ),
     Deployment(
+        "breach-notice",
+        "flows/breach_notice.py:breach_notice",
+        "Personal data breach: email every affected person once; summary for the supervisory authority (72 h).",
+        ("notice", "breach"),
+    ),
+    Deployment(
+        "policy-notice",
+        "flows/policy_notice.py:policy_notice",
+        "A new privacy policy version: email every active account once per version.",
+        ("notice", "policy"),
+    ),
+    Deployment(
         "nightly-retention",
         "flows/nightly_retention.py:nightly_retention",
         "Every time limit of the privacy policy, enforced set-based and verified; manual runs may be dry runs.",

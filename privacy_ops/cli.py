@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from privacy_ops.cli_notify import notify_app
 from privacy_ops.cli_operations import hygiene_app, watchdog_app
 from privacy_ops.cli_options import StopTimeoutOption, WipeOption
 from privacy_ops.cli_retention import holds_app, retention_app
@@ -451,6 +452,7 @@ def list_requests_command(
         )
 
 
+app.add_typer(notify_app, name="notify")
 app.add_typer(retention_app, name="retention")
 app.add_typer(holds_app, name="hold")
 app.add_typer(watchdog_app, name="watchdog")

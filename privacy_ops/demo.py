@@ -97,8 +97,10 @@ def run_demo(accounts: int, echo: Echo) -> None:
             ),
         ),
     ]
+    notices = _notices(others[:3], echo)
     _report(access, erasure, svc, echo)
     _report_rights(more, echo)
+    _report_notices(notices, echo)
     _report_audit(svc, echo)
     echo(f"demo finished in {time.monotonic() - started:.0f} s")
     echo(f"Prefect UI (flow runs, artifacts): {info.services['prefect'].url}")
@@ -233,6 +235,47 @@ def _what_was_done(request: DemoRequest) -> str:
         if count
     )
     return changes or "nothing to change"
+
+
+def _notices(affected: list[int], echo: Echo) -> list[dict[str, Any]]:
+    """A synthetic breach of three accounts' logs, and a policy change announced to every active account."""
+    from datetime import UTC, date, datetime, timedelta
+
+    from flows.breach_notice import breach_notice
+    from flows.policy_notice import policy_notice
+    from privacy_ops.notices import BreachNotice, PolicyNotice
+
+    echo("breach notice to 3 accounts, then a policy-change notice to every active account ...")
+    breach = BreachNotice.model_validate(
+        {
+            "breach_id": f"demo-{datetime.now(UTC):%Y%m%d%H%M%S}",
+            "description": "A misconfigured log export exposed access logs for six hours (demo).",
+            "detected_at": datetime.now(UTC) - timedelta(hours=2),
+            "likely_consequences": "Your IP addresses and access times may have been seen by others.",
+            "measures_taken": "The export was closed, its credentials rotated and the storage audited.",
+            "account_ids": affected,
+            "categories": ["logs"],
+        }
+    )
+    today = date.today()
+    policy = PolicyNotice.model_validate(
+        {
+            "version": f"{today:%Y-%m-%d}",
+            "effective_on": today + timedelta(days=30),
+            "changes": "Section 6 now names the retention period of log data: 90 days (demo).",
+        }
+    )
+    return [breach_notice(params=breach), policy_notice(params=policy)]
+
+
+def _report_notices(notices: list[dict[str, Any]], echo: Echo) -> None:
+    breach, policy = notices
+    echo(
+        f"breach notice {breach['notice']}: {breach['people']} people, {breach['records']} records "
+        f"({', '.join(breach['categories'])}); deliveries {breach['deliveries']}; authority summary "
+        f"{breach['authority_summary']} to compliance ops (due {breach['authority_deadline']})"
+    )
+    echo(f"policy notice {policy['notice']}: deliveries {policy['deliveries']}")
 
 
 def _report_audit(svc: Any, echo: Echo) -> None:
