@@ -510,6 +510,8 @@ def _rights_problems(datamap: DataMap, source: _Source) -> list[Problem]:
             problems.append(source.problem(path, f"'{column}' is not a column of {table_name} in the data map"))
 
     subject = tables.get(datamap.subject.table)
+    if datamap.subject.deleted_column is not None:
+        column_ref(f"{datamap.subject.table}.{datamap.subject.deleted_column}", ("subject", "deleted_column"))
     for index, column in enumerate(datamap.subject.service_terms_columns):
         column_ref(f"{datamap.subject.table}.{column}", ("subject", "service_terms_columns", index))
     for name, table in tables.items():

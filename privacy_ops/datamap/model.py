@@ -129,6 +129,7 @@ class Subject(Strict):
     table: str
     id_column: str
     email_column: str  # verification codes go to this address on file, never to a typed one
+    deleted_column: str | None = None  # set when the account was deleted: not active (policy notices skip it)
     # Compared before and after every request: exercising a right must not change them (CCPA non-discrimination).
     service_terms_columns: list[str] = []
 
