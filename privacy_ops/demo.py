@@ -272,10 +272,14 @@ def _report_notices(notices: list[dict[str, Any]], echo: Echo) -> None:
     breach, policy = notices
     echo(
         f"breach notice {breach['notice']}: {breach['people']} people, {breach['records']} records "
-        f"({', '.join(breach['categories'])}); deliveries {breach['deliveries']}; authority summary "
-        f"{breach['authority_summary']} to compliance ops (due {breach['authority_deadline']})"
+        f"({', '.join(breach['categories'])}); emails {_nonzero(breach['deliveries'])}; authority summary "
+        f"{breach['authority_summary']} to compliance ops (due {breach['authority_deadline'][:16]} UTC)"
     )
-    echo(f"policy notice {policy['notice']}: deliveries {policy['deliveries']}")
+    echo(f"policy notice {policy['notice']}: emails {_nonzero(policy['deliveries'])}")
+
+
+def _nonzero(counts: dict[str, int]) -> str:
+    return ", ".join(f"{state} {n}" for state, n in counts.items() if n) or "none"
 
 
 def _report_audit(svc: Any, echo: Echo) -> None:
