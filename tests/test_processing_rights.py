@@ -127,6 +127,11 @@ def test_restriction_keeps_data_out_of_processing_until_lifted_after_telling_the
         ]
     )
 
+    # A rerun of the request (e.g. from the CLI's --resume) restricts and mails nothing again.
+    assert restriction_request(resume_request_id=request_id) == Status.completed.value
+    assert len(_subjects(read_mail, request_id)) == 3
+    assert _audit_outcomes(engine, request_id).count("processing_restricted") == 1
+
     lifting = LiftRestriction(
         restriction_request_id=request_id, reason="the accuracy check is finished", lifted_by="ops"
     )
@@ -271,6 +276,10 @@ def test_opt_out_honours_global_privacy_control_without_verification(
     body = completion[0].get_body(preferencelist=("plain",))
     assert body is not None and "does not sell personal information" in body.get_content()
     assert not any("confirmation code" in s for s in _subjects(read_mail, request_id))
+    # A rerun records and mails nothing again.
+    assert opt_out_request(resume_request_id=request_id) == Status.completed.value
+    assert _subjects(read_mail, request_id) == [f"Your privacy request {request_id} is complete"]
+    assert _audit_outcomes(engine, request_id).count("objection_recorded") == 1
 
 
 def test_a_second_request_for_the_same_right_while_one_is_open_is_linked_not_done(
