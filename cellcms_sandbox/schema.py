@@ -50,6 +50,8 @@ accounts = Table(
     Column("created_at", TS, nullable=False),
     Column("last_active_at", TS),
     Column("deleted_at", TS),
+    # Set while processing is restricted (GDPR art. 18): the data is kept, every restrictable processing skips it.
+    Column("processing_restricted_at", TS),
 )
 
 # --- billing ---------------------------------------------------------------------------------------------------
@@ -270,4 +272,35 @@ preferences = Table(
     Column("theme", Text, nullable=False),
     Column("timezone", Text, nullable=False),
     Column("marketing_emails", Boolean, nullable=False),
+    Column("share_with_partners", Boolean, nullable=False, server_default="false"),  # a sharing flag (CCPA)
+)
+
+# --- processing choices and outputs ------------------------------------------------------------------------------
+processing_objections = Table(
+    "processing_objections",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    _account_fk(),
+    Column("purpose", Text, nullable=False),  # analytics | marketing | product_research | sale_or_sharing
+    Column("source", Text, nullable=False),  # request | global_privacy_control
+    Column("objected_at", TS, nullable=False),
+    UniqueConstraint("account_id", "purpose"),
+)
+
+# What the analytics job computes per account (a processing output: restricted accounts must not appear).
+analytics_profiles = Table(
+    "analytics_profiles",
+    metadata,
+    Column("account_id", BigInteger, ForeignKey("accounts.id"), primary_key=True),
+    Column("segment", Text, nullable=False),
+    Column("computed_at", TS, nullable=False),
+)
+
+# Marketing email audiences (a processing output).
+marketing_audience_members = Table(
+    "marketing_audience_members",
+    metadata,
+    Column("audience", Text, primary_key=True),
+    Column("account_id", BigInteger, ForeignKey("accounts.id"), primary_key=True, index=True),
+    Column("added_at", TS, nullable=False),
 )

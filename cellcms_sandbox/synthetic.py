@@ -37,7 +37,7 @@ from faker import Faker
 COLUMNS: dict[str, tuple[str, ...]] = {
     "accounts": (
         "id", "email", "full_name", "password_hash", "phone", "birth_date", "is_minor_flagged", "plan",
-        "created_at", "last_active_at", "deleted_at",
+        "created_at", "last_active_at", "deleted_at", "processing_restricted_at",
     ),
     "billing_profiles": (
         "account_id", "stripe_customer_id", "billing_name", "billing_email", "address_line1", "address_city",
@@ -63,7 +63,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "access_logs": ("id", "account_id", "ip_address", "accessed_at", "method", "path", "status_code", "referrer"),
     "error_logs": ("id", "account_id", "occurred_at", "level", "message", "ip_address"),
     "cookie_consents": ("id", "account_id", "category", "granted", "recorded_at", "ip_address"),
-    "preferences": ("account_id", "language", "theme", "timezone", "marketing_emails"),
+    "preferences": ("account_id", "language", "theme", "timezone", "marketing_emails", "share_with_partners"),
+    "processing_objections": ("id", "account_id", "purpose", "source", "objected_at"),
+    "analytics_profiles": ("account_id", "segment", "computed_at"),
+    "marketing_audience_members": ("audience", "account_id", "added_at"),
 }  # fmt: skip
 
 # Positions the orchestration fills in once S3 / Stripe have answered.
@@ -178,6 +181,7 @@ _SEARCH_REFERRERS = ("https://www.google.com/", "https://duckduckgo.com/", "http
 _STATUS_CODES = (200, 200, 200, 200, 200, 200, 302, 304, 401, 403, 404, 500)
 _COOKIE_CATEGORIES = ("essential", "analytics", "preference")
 _THEMES = ("light", "dark", "system")
+_ANALYTICS_SEGMENTS = ("occasional", "regular", "power_user")
 _ANONYMOUS_ERRORS = (
     "Login failed for {email}: invalid password",
     "Password reset requested for {email} (no session)",
@@ -383,7 +387,7 @@ class SyntheticCellCMS:
         chunk.rows["accounts"].append(
             (account_id, email, full_name, password_hash, phone, birth_date, minor_flagged,
              plan if active_customer else "free", _from_ts(created, UTC), last_active_at,
-             None if deleted is None else _from_ts(deleted, UTC))
+             None if deleted is None else _from_ts(deleted, UTC), None)
         )  # fmt: skip
 
         person = Person(account_id, email, full_name, first_name, phone, ips, created, [])
@@ -670,16 +674,26 @@ class SyntheticCellCMS:
             )  # fmt: skip
 
     def _cookies_and_preferences(self, chunk: Chunk, person: Person, locale: Locale, created: float) -> None:
+        analytics_granted = False
         for category in _COOKIE_CATEGORIES:
             granted = category == "essential" or self._random() < 0.55
+            analytics_granted = analytics_granted or (category == "analytics" and granted)
             chunk.rows["cookie_consents"].append(
                 (self._id("cookie_consents"), person.account_id, category, granted,
                  self._between(created, created + 600), person.ips[0])
             )  # fmt: skip
         language = locale.language if self._random() < 0.8 else "en"
+        marketing_emails = self._random() < 0.3
         chunk.rows["preferences"].append(
-            (person.account_id, language, self._pick(_THEMES), locale.timezone, self._random() < 0.3)
+            (person.account_id, language, self._pick(_THEMES), locale.timezone, marketing_emails, False)
         )
+        # The processing outputs of those choices (no random draws: the rest of the data stays as it was).
+        computed_at = _from_ts(self.now_ts - _DAY, UTC)
+        if analytics_granted:
+            segment = _ANALYTICS_SEGMENTS[person.account_id % len(_ANALYTICS_SEGMENTS)]
+            chunk.rows["analytics_profiles"].append((person.account_id, segment, computed_at))
+        if marketing_emails:
+            chunk.rows["marketing_audience_members"].append(("newsletter", person.account_id, computed_at))
 
     # --- billing -----------------------------------------------------------------------------------------------
     def _billing(self, chunk: Chunk, person: Person, fake: Faker, locale: Locale, plan: str, created: float,

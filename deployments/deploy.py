@@ -49,6 +49,61 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         ("privacy-request", "erasure"),
     ),
     Deployment(
+        "rectification-request",
+        "flows/rectification_request.py:rectification_request",
+        "Right to rectification: correct named fields everywhere the data map holds them; a new email is "
+        "confirmed by a code sent to it first.",
+        ("privacy-request", "rectification"),
+    ),
+    Deployment(
+        "portability-request",
+        "flows/portability_request.py:portability_request",
+        "Right to data portability: what the person provided, as JSON, CSV and original files, by link.",
+        ("privacy-request", "portability"),
+    ),
+    Deployment(
+        "know-request",
+        "flows/know_request.py:know_request",
+        "CCPA right to know: categories held (sources, purposes, recipients) and 12 months of data, by link.",
+        ("privacy-request", "know"),
+    ),
+    Deployment(
+        "restriction-request",
+        "flows/restriction_request.py:restriction_request",
+        "Right to restriction: keep the data, take the account out of every restrictable processing, prove it.",
+        ("privacy-request", "restriction"),
+    ),
+    Deployment(
+        "lift-restriction",
+        "flows/lift_restriction.py:lift_restriction",
+        "Lift a completed restriction: the person is told first, then it is lifted and recorded.",
+        ("operations", "lift-restriction"),
+    ),
+    Deployment(
+        "objection-request",
+        "flows/objection_request.py:objection_request",
+        "Right to object: stop the named purposes, delete what was collected for them only, withdraw consent.",
+        ("privacy-request", "objection"),
+    ),
+    Deployment(
+        "opt-out-request",
+        "flows/opt_out_request.py:opt_out_request",
+        "CCPA opt-out of sale/sharing (and Global Privacy Control): recorded, sharing flags off, no code asked.",
+        ("privacy-request", "opt-out"),
+    ),
+    Deployment(
+        "breach-notice",
+        "flows/breach_notice.py:breach_notice",
+        "Personal data breach: email every affected person once; summary for the supervisory authority (72 h).",
+        ("notice", "breach"),
+    ),
+    Deployment(
+        "policy-notice",
+        "flows/policy_notice.py:policy_notice",
+        "A new privacy policy version: email every active account once per version.",
+        ("notice", "policy"),
+    ),
+    Deployment(
         "nightly-retention",
         "flows/nightly_retention.py:nightly_retention",
         "Every time limit of the privacy policy, enforced set-based and verified; manual runs may be dry runs.",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.lifecycle import REQUEST_FLOW, answer_no_data, deny, start, verify_identity
+from flows.lifecycle import REQUEST_FLOW, answer_duplicate, answer_no_data, deny, start, verify_identity
 from flows.parameters import SubjectIntake
 from privacy_ops.lifecycle.requests import Right, Status
 from privacy_ops.services import services as connect
@@ -33,6 +33,8 @@ def access_request(
     request_id, located = started.request_id, started.located
     if not located.found:
         return answer_no_data(services, request_id, RIGHT, intake)
+    if started.duplicate_of is not None:
+        return answer_duplicate(services, started, RIGHT)
     to = contact_address(services, located.account_ids)
     notify_subject(services, request_id, "acknowledgement", to, {"right": RIGHT.value, "due_at": started.due_at})
     if not verify_identity(services, request_id, to, code_lifetime_hours):

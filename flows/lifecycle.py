@@ -27,8 +27,10 @@ from privacy_ops.services import Services
 from tasks.lifecycle import (
     Located,
     check_code,
+    contact_address,
     expire_verification,
     finish_request,
+    link_duplicate,
     load_request,
     locate_subject,
     notify_subject,
@@ -62,6 +64,7 @@ class Started:
     request_id: str
     located: Located
     due_at: datetime
+    duplicate_of: str | None = None  # an open request of the same right for the same account: answered, not done
 
 
 def start(
@@ -78,7 +81,22 @@ def start(
         email = Pii(intake.email) if intake.email is not None else None
         located = locate_subject(services, request_id, email, intake.account_id)
     get_run_logger().info("request %s: %d account(s) located", request_id, len(located.account_ids))
-    return Started(request_id, located, load_request(services, request_id).due_at)
+    duplicate_of = link_duplicate(services, request_id) if located.found else None
+    return Started(request_id, located, load_request(services, request_id).due_at, duplicate_of)
+
+
+def answer_duplicate(services: Services, started: Started, right: Right) -> str:
+    """Tell the person (at the address on file) that the open request handles it; this one is closed, linked."""
+    to = contact_address(services, started.located.account_ids)
+    notify_subject(
+        services,
+        started.request_id,
+        "duplicate",
+        to,
+        {"right": right.value, "open_request_id": started.duplicate_of},
+    )
+    publish_request_artifact(services, started.request_id)
+    return Status.duplicate.value
 
 
 def answer_no_data(services: Services, request_id: str, right: Right, intake: SubjectIntake | None) -> str:
@@ -130,6 +148,16 @@ def deny(services: Services, request_id: str, right: Right, to: Pii) -> str:
         services, request_id, "denial", to, {"right": right.value, "reason": DENIAL_REASONS[state.status]}
     )
     finish_request(services, request_id, Status.denied, {"verification": state.status.value})
+    publish_request_artifact(services, request_id)
+    return Status.denied.value
+
+
+def reject(services: Services, request_id: str, right: Right, account_ids: list[int], reason: str) -> str:
+    """The request asks for something we cannot do (an unknown purpose, say): tell the person why, at the address
+    on file, and close it as denied before anything is changed. `reason` must hold no personal data."""
+    to = contact_address(services, account_ids)
+    notify_subject(services, request_id, "denial", to, {"right": right.value, "reason": reason})
+    finish_request(services, request_id, Status.denied, {"rejected": reason})
     publish_request_artifact(services, request_id)
     return Status.denied.value
 

@@ -42,3 +42,33 @@ class SubjectIntake(BaseModel):
     def identity(self) -> str:
         """The identity as the audit log hashes it."""
         return f"email:{self.email}" if self.email is not None else f"account:{self.account_id}"
+
+
+REQUEST_ID_PATTERN = r"^req_[0-9a-f]{10}$"
+
+
+class LiftRestriction(BaseModel):
+    """Lift a restriction of processing granted earlier: the person is told first (GDPR art. 18(3))."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    restriction_request_id: str = Field(
+        description="The completed restriction request to lift, e.g. req_7f3a9c21b0", pattern=REQUEST_ID_PATTERN
+    )
+    reason: str = Field(
+        description="Why it is lifted (told to the person; no personal data)", min_length=10, max_length=500
+    )
+    lifted_by: str = Field(description="The operator lifting it", min_length=1, max_length=100)
+
+
+class Objection(BaseModel):
+    """What the person objects to (GDPR art. 21): purposes as the data map names them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    purposes: list[str] = Field(
+        description="Purposes of processing objected to, as the data map names them: analytics, marketing, "
+        "product_research",
+        min_length=1,
+        max_length=10,
+    )

@@ -1,5 +1,5 @@
-"""Great Expectations suites that prove an erasure left nothing of the subject behind, and a check of an access
-package's manifest.
+"""Great Expectations suites that prove an erasure left nothing of the subject behind, and checks of the packages
+handed to a person (access, portability, right to know) read back from S3.
 
 The erasure suites are built from the data map, never by hand. In PostgreSQL, for every mapped table:
 - every column whose kind holds an identifier (email, name, phone, address, IP, external or device id) holds
@@ -53,6 +53,7 @@ __all__ = [
     "access_package_checks",
     "erasure_checks",
     "retention_checks",
+    "rights_package_checks",
     "text_pattern",
 ]
 
@@ -742,6 +743,101 @@ def access_package_checks(manifest: pd.DataFrame, account_ids: set[int]) -> Chec
     return _gx_run("access_package", body, {})
 
 
+def rights_package_checks(
+    suite: str,
+    manifest: pd.DataFrame,
+    account_ids: set[int],
+    *,
+    subject_rows: pd.DataFrame,
+    emails_on_file: set[str],
+    email_owners: pd.DataFrame | None = None,
+    window: pd.DataFrame | None = None,
+    categories: pd.DataFrame | None = None,
+) -> CheckResult:
+    """Check a portability or right-to-know package, read back from S3, as frames that hold names and counts:
+
+    - `manifest` (table, category, account_id, rows): as `access_package_checks`, rows of the person's accounts
+      only;
+    - `subject_rows` (account_id, email): the package holds the person's account rows, one per account, with the
+      address on file (`emails_on_file`, compared lower-cased): their values, not someone else's;
+    - `email_owners` (table, column, owner): no address in the package is another account's email on file;
+    - `window` (table, rows_before_window): no row collected before the period disclosed (right to know);
+    - `categories` (category, listed, described): every category the package holds rows of is listed in
+      categories.json with its description, sources and purposes.
+    """
+    frames: list[tuple[str, pd.DataFrame, list[_Spec]]] = [
+        ("manifest", manifest, _manifest_specs({int(a) for a in account_ids})),
+        (
+            "subject",
+            subject_rows,
+            [
+                _Spec("subject_rows", None, "ExpectTableRowCountToEqual", {"value": len(account_ids)}),
+                _Spec("subject_email", "email", "ExpectColumnValuesToNotBeNull"),
+                _Spec(
+                    "subject_email",
+                    "email",
+                    "ExpectColumnValuesToBeInSet",
+                    {"value_set": sorted({e.lower() for e in emails_on_file})},
+                ),
+            ],
+        ),
+    ]
+    if email_owners is not None:
+        frames.append(
+            (
+                "emails",
+                email_owners,
+                [
+                    _Spec(
+                        "other_account_email",
+                        "owner",
+                        "ExpectColumnValuesToNotBeInSet",
+                        {"value_set": ["other_account"]},
+                    )
+                ],
+            )
+        )
+    if window is not None:
+        frames.append(
+            (
+                "window",
+                window,
+                [
+                    _Spec(
+                        "collected_in_window",
+                        "rows_before_window",
+                        "ExpectColumnValuesToBeBetween",
+                        {"max_value": 0},
+                    )
+                ],
+            )
+        )
+    if categories is not None:
+        frames.append(
+            (
+                "categories",
+                categories,
+                [
+                    _Spec("category_listed", "listed", "ExpectColumnValuesToBeInSet", {"value_set": [True]}),
+                    _Spec("category_described", "described", "ExpectColumnValuesToBeInSet", {"value_set": [True]}),
+                ],
+            )
+        )
+
+    def body(context: Any) -> tuple[int, list[Failure]]:
+        source = context.data_sources.add_pandas("package")
+        count, failures = 0, []
+        for asset, frame, specs in frames:
+            batch = source.add_dataframe_asset(asset).add_batch_definition_whole_dataframe("all")
+            failures += _run_suite(
+                context, f"{suite}.{asset}", asset, batch, specs, batch_parameters={"dataframe": frame}
+            )
+            count += len(specs)
+        return count, failures
+
+    return _gx_run(suite, body, {})
+
+
 def _retention_plans(datamap: DataMap, rules: Iterable[str], as_of: Any) -> list[tuple[str, str, list[_Spec]]]:
     """(asset name, SQL, specs) per retention rule over PostgreSQL: built from the rule's own selection.
 
@@ -861,3 +957,27 @@ def retention_checks(
         return count, failures
 
     return _gx_run("retention", body, {_DATABASE_URL_VARIABLE: database_url}, docs_dir, docs)
+
+
+def processing_checks(database_url: str, leftovers: Mapping[str, str]) -> CheckResult:
+    """Prove a restriction or objection took effect: each query (processing.leftovers: account ids only, no
+    personal data) must find no row, e.g. a restricted account in an analytics output or a marketing switch on."""
+
+    def body(context: Any) -> tuple[int, list[Failure]]:
+        postgres = context.data_sources.add_postgres(
+            "cellcms", connection_string="${" + _DATABASE_URL_VARIABLE + "}", kwargs={"hide_parameters": True}
+        )
+        engine = postgres.get_execution_engine().engine
+        failures: list[Failure] = []
+        try:
+            _fetch_no_rows_of(engine, set(leftovers.values()))
+            for name, query in leftovers.items():
+                batch = postgres.add_query_asset(name, query=query).add_batch_definition_whole_table("all")
+                specs = [_Spec("leftover", None, "ExpectTableRowCountToEqual", {"value": 0})]
+                failures += _run_suite(context, f"processing.{name}", name, batch, specs)
+        finally:
+            engine.dispose()
+            postgres.get_engine().dispose()
+        return len(leftovers), failures
+
+    return _gx_run("processing", body, {_DATABASE_URL_VARIABLE: database_url})

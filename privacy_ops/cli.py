@@ -7,13 +7,15 @@ StackError) are printed by `main()` as one line on stderr with exit code 1, neve
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from privacy_ops.cli_notify import notify_app
 from privacy_ops.cli_operations import hygiene_app, watchdog_app
 from privacy_ops.cli_options import StopTimeoutOption, WipeOption
 from privacy_ops.cli_retention import holds_app, retention_app
@@ -148,7 +150,7 @@ request_app = typer.Typer(
         "the address on file and waits; enter it from another terminal with `privacy-ops verify REQUEST_ID CODE` "
         "(or the Prefect UI's resume form)."
     ),
-    short_help="Start an access or erasure request.",
+    short_help="Start a privacy request of any right (access, erasure, rectification, restriction, ...).",
     no_args_is_help=True,
 )
 app.add_typer(request_app, name="request")
@@ -162,31 +164,56 @@ ResumeOption = Annotated[
 ]
 
 
-def _run_request(
-    right: str, email: str | None, account_id: int | None, regulation: str, requested_by: str, resume: str | None
-) -> None:
-    _point_prefect_at_stack()
+# Each right's flow, imported only when its command runs (Prefect and GX are slow to import).
+REQUEST_FLOWS = {
+    "access": "flows.access_request:access_request",
+    "erasure": "flows.erasure_request:erasure_request",
+    "restriction": "flows.restriction_request:restriction_request",
+    "objection": "flows.objection_request:objection_request",
+    "opt_out": "flows.opt_out_request:opt_out_request",
+    "portability": "flows.portability_request:portability_request",
+    "know": "flows.know_request:know_request",
+    "rectification": "flows.rectification_request:rectification_request",
+}
+
+
+def _flow(reference: str) -> Any:
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _validated(model: Any, values: dict[str, Any]) -> Any:
+    """A flow parameter model from command-line values; a bad value is a usage error, not a traceback."""
     from pydantic import ValidationError
 
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
+        raise typer.BadParameter(problems) from None
+
+
+def _run_request(
+    right: str,
+    email: str | None,
+    account_id: int | None,
+    regulation: str,
+    requested_by: str,
+    resume: str | None,
+    **parameters: Any,
+) -> None:
+    _point_prefect_at_stack()
     from flows.parameters import SubjectIntake
 
     intake = None
     if resume is None:
-        try:
-            # model_validate: pydantic coerces the option's str to `Regulation` and reports a bad value as a
-            # ValidationError, like the constructor; the constructor's static signature wants the enum.
-            intake = SubjectIntake.model_validate(
-                {"email": email, "account_id": account_id, "regulation": regulation, "requested_by": requested_by}
-            )
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in error.errors())
-            raise typer.BadParameter(problems) from None
-    if right == "access":
-        from flows.access_request import access_request as flow_fn
-    else:
-        from flows.erasure_request import erasure_request as flow_fn
+        intake = _validated(
+            SubjectIntake,
+            {"email": email, "account_id": account_id, "regulation": regulation, "requested_by": requested_by},
+        )
+    flow_fn = _flow(REQUEST_FLOWS[right])
     typer.echo(f"starting the {right} request; the request id appears below once it is registered")
-    status = flow_fn(intake=intake, resume_request_id=resume)
+    status = flow_fn(intake=intake, resume_request_id=resume, **parameters)
     typer.echo(f"request finished: {status}")
 
 
@@ -214,6 +241,144 @@ def request_erasure(
     _run_request("erasure", email, account_id, regulation, requested_by, resume)
 
 
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="FIELD=VALUE",
+        help="A correction; repeat for several: --set full_name='Dana Roe' --set email=dana@example.org. FIELD is "
+        "one of the data map's rectification fields; a new email is confirmed by a code sent to it.",
+        show_default=False,
+    ),
+]
+
+
+def parse_corrections(pairs: list[str]) -> dict[str, list[dict[str, str]]]:
+    """`FIELD=VALUE` options as the flow's `corrections` parameter (split at the first '=')."""
+    corrections = []
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name.strip():
+            raise typer.BadParameter("each --set takes FIELD=VALUE, e.g. --set full_name='Dana Roe'")
+        corrections.append({"field": name.strip(), "value": value})
+    return {"corrections": corrections}
+
+
+@request_app.command("rectification")
+def request_rectification(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    set_: SetOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to rectification: correct the named fields everywhere the data map holds them.
+
+    A new email address gets a second code, sent to it, entered with `privacy-ops verify` too. Refused and unknown
+    fields are answered with the reason and change nothing.
+    """
+    corrections = None
+    if resume is None:
+        if not set_:
+            raise typer.BadParameter("give at least one --set FIELD=VALUE")
+        from privacy_ops.rectification import RectificationInput
+
+        corrections = _validated(RectificationInput, parse_corrections(set_))
+    elif set_ or email or account_id:
+        raise typer.BadParameter(
+            "--resume continues a request as it was made: give no --email, --account-id or --set"
+        )
+    _run_request("rectification", email, account_id, regulation, requested_by, resume, corrections=corrections)
+
+
+@request_app.command("portability")
+def request_portability(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to data portability: what the person provided (content, profile) as JSON, CSV and original files
+    with a manifest another CMS can import, delivered as a link that expires."""
+    _run_request("portability", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("know")
+def request_know(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "CCPA",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """CCPA right to know: the categories held (sources, purposes, recipients) and the specific pieces collected
+    in the 12 months before the request, delivered as a link that expires."""
+    _run_request("know", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("restriction")
+def request_restriction(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to restriction: keep the data, take the account out of every restrictable processing."""
+    _run_request("restriction", email, account_id, regulation, requested_by, resume)
+
+
+@request_app.command("objection")
+def request_objection(
+    purpose: Annotated[
+        list[str], typer.Option("--purpose", help="A purpose objected to, as the data map names it (repeatable).")
+    ],
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "GDPR",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+) -> None:
+    """Right to object: stop the named purposes (analytics, marketing, product_research) and delete their data."""
+    from flows.parameters import Objection
+
+    objection = _validated(Objection, {"purposes": purpose})
+    _run_request("objection", email, account_id, regulation, requested_by, resume, objection=objection)
+
+
+@request_app.command("opt-out")
+def request_opt_out(
+    email: EmailOption = None,
+    account_id: AccountOption = None,
+    regulation: RegulationOption = "CCPA",
+    requested_by: ByOption = "compliance-ops",
+    resume: ResumeOption = None,
+    gpc: Annotated[
+        bool, typer.Option("--gpc", help="The request came as a Global Privacy Control signal.")
+    ] = False,
+) -> None:
+    """CCPA opt-out of sale/sharing (CellCMS sells none): recorded, sharing flags switched off, no code asked."""
+    _run_request("opt_out", email, account_id, regulation, requested_by, resume, global_privacy_control=gpc)
+
+
+@request_app.command("lift-restriction")
+def request_lift_restriction(
+    request_id: Annotated[str, typer.Argument(help="The completed restriction request, e.g. req_1a2b3c4d5e.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why it is lifted; told to the person.")],
+    lifted_by: Annotated[str, typer.Option("--by", help="The operator lifting it.")],
+) -> None:
+    """Lift a restriction of processing: the person is told first, then it is lifted and recorded."""
+    _point_prefect_at_stack()
+    from flows.parameters import LiftRestriction
+
+    lifting = _validated(
+        LiftRestriction, {"restriction_request_id": request_id, "reason": reason, "lifted_by": lifted_by}
+    )
+    typer.echo(f"restriction of {request_id}: {_flow('flows.lift_restriction:lift_restriction')(lifting=lifting)}")
+
+
 @app.command("verify")
 def verify(
     request_id: Annotated[str, typer.Argument(help="The request id, e.g. req_1a2b3c4d5e.")],
@@ -228,13 +393,18 @@ def verify(
     _point_prefect_at_stack()
     from privacy_ops.lifecycle import audit, verification
     from privacy_ops.lifecycle.requests import Status, get_request, set_status
+    from privacy_ops.rectification import awaiting_new_email_code, submit_new_email_code
     from privacy_ops.runner import continue_after_operator_verification, submit_code
     from privacy_ops.services import services
 
     svc = services()
+    # A rectification's new email address is confirmed only by the code sent to it.
+    new_email = awaiting_new_email_code(svc.engine, request_id)
     if verified_by is not None:
         if not reason:
             raise typer.BadParameter("--reason is required with --verified-by")
+        if new_email:
+            raise typer.BadParameter("a new email address is confirmed only by the code sent to it")
         with svc.engine.begin() as connection:
             request = get_request(connection, request_id)
             verification.record_operator_verification(
@@ -254,7 +424,7 @@ def verify(
         return
     if code is None:
         raise typer.BadParameter("give the CODE, or --verified-by NAME --reason TEXT")
-    state = submit_code(svc.engine, request_id, code)
+    state = (submit_new_email_code if new_email else submit_code)(svc.engine, request_id, code)
     if state.status == verification.VerificationStatus.pending:
         typer.echo(f"{request_id}: wrong code, {state.attempts_left} attempt(s) left")
         raise typer.Exit(1)
@@ -282,6 +452,7 @@ def list_requests_command(
         )
 
 
+app.add_typer(notify_app, name="notify")
 app.add_typer(retention_app, name="retention")
 app.add_typer(holds_app, name="hold")
 app.add_typer(watchdog_app, name="watchdog")
@@ -394,8 +565,8 @@ def deploy(
 def demo(
     accounts: Annotated[int, typer.Option(help="How many synthetic accounts to seed.", min=20)] = 1000,
 ) -> None:
-    """The main job on embedded defaults: start the stack, seed CellCMS, run an access and an erasure request
-    end to end (codes read from the SMTP sink), and report what was found, exported, erased and retained."""
+    """The main job on embedded defaults: start the stack, seed CellCMS, run a request of every right end to end
+    (codes read from the SMTP sink), and report what was found, exported, erased, retained and stopped."""
     from privacy_ops.demo import run_demo
 
     run_demo(accounts, typer.echo)

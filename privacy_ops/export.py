@@ -1,4 +1,4 @@
-"""The access package: a ZIP of everything CellCMS holds about a person, streamed straight into S3.
+"""Personal-data packages (access, portability, right to know): a ZIP streamed straight into S3.
 
 `PackageWriter` writes the ZIP into a multipart upload: zipfile writes to a non-seekable stream (entries then
 carry data descriptors), and that stream sends a part every 8 MiB. Nothing holds the whole package, a whole table
@@ -6,18 +6,19 @@ or a whole file in memory: table rows are encoded one at a time, S3 files are co
 copy of a table is spooled to an anonymous temporary file (memory up to 4 MiB, then disk) while its JSON is
 written, because zipfile allows one open entry at a time and the rows can be iterated only once.
 
-Layout of the package:
+Layout of the access package (the default paths; `add_table(path=...)` places a table elsewhere):
     <category>/<table>.json    a JSON array of objects, one per row (the exact values)
     <category>/<table>.csv     the same rows for spreadsheets (cells that look like formulas are neutralised)
-    <category>/files/...       S3 files (add_s3_object / add_stream)
-    <category>/<name>.json     other documents (add_json), e.g. billing/stripe.json
+    <category>/files/...       S3 files (add_s3_object / add_stream), byte for byte
+    <category>/<name>.json     other documents (add_json, add_text), e.g. billing/stripe.json
     summary.html               a readable overview by the privacy policy's categories
-    manifest.json              every entry with its category, table, rows and paths
+    manifest.json              every entry with its category, table, rows and paths (or the caller's own manifest)
 
-The object is written with SSE-S3 (AES256) under `exports/{request_id}/access-package-{request_id}.zip`; writing
-the same request's package again replaces it. On any error (or when `finish()` is never reached) the multipart
-upload is aborted, so no half package is ever visible. Errors are `ExportError`s naming the operation and the
-request id only.
+Every entry's SHA-256 is computed while it is written (`ManifestEntry.sha256`), for manifests that list them.
+The object is written with SSE-S3 (AES256) under `exports/{request_id}/{kind}-package-{request_id}.zip` (kind
+"access", "portability", "know"); writing the same request's package again replaces it. On any error (or when
+`finish()` is never reached) the multipart upload is aborted, so no half package is ever visible. Errors are
+`ExportError`s naming the operation and the request id only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import re
@@ -60,6 +62,7 @@ MAX_PRESIGN_DAYS = 7  # SigV4 presigned URLs live at most 7 days
 _ENCODE_BATCH = 256 * 1024  # characters of JSON/CSV text gathered before one write into the ZIP entry
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SAFE_KIND = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _SAFE_SEGMENT = re.compile(r"^[^/\\\x00-\x1f]+$")
 _PLAIN_NUMBER = re.compile(r"^[+-]?[\d\s().,-]*$")  # "+49 30 1234", "-12.5": not a formula
 _FORMULA_START = frozenset("=+-@\t\r")
@@ -94,6 +97,25 @@ class _Body(Protocol):
     def read(self, amt: int | None = ..., /) -> bytes: ...
 
 
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+class _Hashing:
+    """Passes writes through to a ZIP entry and hashes them: the entry's SHA-256 without reading it back."""
+
+    def __init__(self, entry: _Writable) -> None:
+        self._entry = entry
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes, /) -> int:
+        self._digest.update(data)
+        return self._entry.write(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestEntry:
     """One item of the package: a table (rows set), a file or a document."""
@@ -104,6 +126,13 @@ class ManifestEntry:
     rows: int | None  # row count for kind "table"
     paths: tuple[str, ...]  # entries in the ZIP
     size_bytes: int  # uncompressed bytes of the entries
+    sha256: tuple[str, ...] = ()  # hex digest of each path's bytes, in the order of `paths`
+
+    def described(self) -> dict[str, Any]:
+        """The entry as the default manifest.json lists it (kind, category, table, rows, paths, size)."""
+        data = asdict(self)
+        data.pop("sha256")
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +156,12 @@ class _TableSummary:
     preview: list[list[Any]] = field(default_factory=list)  # only kept when rows <= PREVIEW_ROWS
 
 
-def package_key(request_id: str) -> str:
-    """Where the package of a request lives in the export bucket."""
+def package_key(request_id: str, kind: str = "access") -> str:
+    """Where the package of a request lives in the export bucket; `kind` names it (access, portability, know)."""
     _check_request_id(request_id)
-    return f"exports/{request_id}/access-package-{request_id}.zip"
+    if not _SAFE_KIND.match(kind):
+        raise ValueError("kind must be 1-32 lowercase letters, digits or '-'")
+    return f"exports/{request_id}/{kind}-package-{request_id}.zip"
 
 
 def presigned_url(s3: S3Client, bucket: str, key: str, expires_days: int = 7) -> str:
@@ -248,7 +279,7 @@ class _MultipartStream:
 
 
 class PackageWriter:
-    """Streams one request's access package into S3; use as a context manager and call `finish()`.
+    """Streams one request's package into S3; use as a context manager and call `finish()`.
 
         with PackageWriter(s3, settings.export_bucket, request_id) as package:
             package.add_table("account", "accounts", columns, rows)
@@ -268,11 +299,12 @@ class PackageWriter:
         *,
         part_size: int = PART_SIZE,
         generated_at: datetime | None = None,
+        kind: str = "access",
     ) -> None:
         if part_size < 5 * MIB:
             raise ValueError("part_size must be at least 5 MiB (S3's minimum for all parts but the last)")
         self.bucket = bucket
-        self.key = package_key(request_id)
+        self.key = package_key(request_id, kind)
         self.request_id = request_id
         self.generated_at = generated_at or datetime.now(UTC)
         self._s3 = s3
@@ -296,9 +328,16 @@ class PackageWriter:
             raise
 
     @classmethod
-    def for_settings(cls, s3: S3Client, settings: Settings, request_id: str) -> PackageWriter:
-        """A writer into the configured export bucket."""
-        return cls(s3, settings.export_bucket, request_id)
+    def for_settings(
+        cls, s3: S3Client, settings: Settings, request_id: str, *, kind: str = "access"
+    ) -> PackageWriter:
+        """A writer of a `kind` package (access, portability, know) into the configured export bucket."""
+        return cls(s3, settings.export_bucket, request_id, kind=kind)
+
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        """What was written so far (a copy), e.g. to build a manifest of one's own for `finish(manifest=...)`."""
+        return list(self._entries)
 
     # -------------------------------------------------------------------------------- context management
 
@@ -320,14 +359,25 @@ class PackageWriter:
 
     # -------------------------------------------------------------------------------- content
 
-    def add_table(self, category: str, table: str, columns: list[str], rows: Iterable[Sequence[Any]]) -> int:
-        """Write `<category>/<table>.json` and `.csv` from rows (iterated once); return the row count."""
+    def add_table(
+        self,
+        category: str,
+        table: str,
+        columns: list[str],
+        rows: Iterable[Sequence[Any]],
+        *,
+        path: str | None = None,
+    ) -> int:
+        """Write `<path>.json` and `<path>.csv` (default path `<category>/<table>`) from rows (iterated once);
+        return the row count."""
         self._check_open()
         _check_segment(category, "category")
         _check_segment(table, "table")
         if len(set(columns)) != len(columns):
             raise ValueError(f"duplicate column names in table {table}")
-        json_path, csv_path = f"{category}/{table}.json", f"{category}/{table}.csv"
+        base = f"{category}/{table}" if path is None else path
+        json_path, csv_path = f"{base}.json", f"{base}.csv"
+        _check_path(json_path)
         self._reserve(json_path)
         self._reserve(csv_path)
         summary = _TableSummary(category, table, list(columns), rows=0)
@@ -340,18 +390,28 @@ class PackageWriter:
             csv_writer = csv.writer(csv_text)
             csv_writer.writerow(columns)
             with self._open_entry(json_path, force_zip64=True) as entry:
-                json_bytes = self._write_json_rows(entry, columns, rows, csv_writer, summary)
+                json_entry = _Hashing(entry)
+                json_bytes = self._write_json_rows(json_entry, columns, rows, csv_writer, summary)
             csv_text.flush()
             csv_text.detach()  # keep the spool open: TextIOWrapper would close it
             csv_bytes = spool.tell()
             spool.seek(0)
             with self._open_entry(csv_path, force_zip64=True) as entry:
-                _copy(spool, entry)
+                csv_entry = _Hashing(entry)
+                _copy(spool, csv_entry)
         if summary.rows > PREVIEW_ROWS:
             summary.preview = []
         self._tables.append(summary)
         self._entries.append(
-            ManifestEntry("table", category, table, summary.rows, (json_path, csv_path), json_bytes + csv_bytes)
+            ManifestEntry(
+                "table",
+                category,
+                table,
+                summary.rows,
+                (json_path, csv_path),
+                json_bytes + csv_bytes,
+                (json_entry.hexdigest(), csv_entry.hexdigest()),
+            )
         )
         return summary.rows
 
@@ -361,9 +421,20 @@ class PackageWriter:
         _check_path(path)
         self._reserve(path)
         data = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_value).encode()
+        self._write_document(path, data, category)
+
+    def add_text(self, path: str, text: str, *, category: str | None = None) -> None:
+        """Write one (small) UTF-8 text document, e.g. a Markdown overview."""
+        self._check_open()
+        _check_path(path)
+        self._reserve(path)
+        self._write_document(path, text.encode(), category)
+
+    def _write_document(self, path: str, data: bytes, category: str | None) -> None:
         with self._guard(f"write document for {category or 'package'}"), self._open_entry(path) as entry:
             entry.write(data)
-        self._entries.append(ManifestEntry("document", category, None, None, (path,), len(data)))
+        digest = hashlib.sha256(data).hexdigest()
+        self._entries.append(ManifestEntry("document", category, None, None, (path,), len(data), (digest,)))
 
     def add_stream(
         self, path: str, fileobj: _Body | BinaryIO, *, category: str | None = None, size: int | None = None
@@ -376,8 +447,9 @@ class PackageWriter:
         _check_path(path)
         self._reserve(path)
         with self._guard(f"copy file for {category or 'package'}"), self._open_entry(path, size=size) as entry:
-            copied = _copy(fileobj, entry)
-        self._entries.append(ManifestEntry("file", category, None, None, (path,), copied))
+            hashing = _Hashing(entry)
+            copied = _copy(fileobj, hashing)
+        self._entries.append(ManifestEntry("file", category, None, None, (path,), copied, (hashing.hexdigest(),)))
         return copied
 
     def add_s3_object(self, path: str, s3: S3Client, bucket: str, key: str, *, category: str | None = None) -> int:
@@ -421,18 +493,24 @@ class PackageWriter:
         data = html.encode()
         with self._guard("write summary"), self._open_entry(path) as entry:
             entry.write(data)
-        self._entries.append(ManifestEntry("document", None, None, None, (path,), len(data)))
+        digest = hashlib.sha256(data).hexdigest()
+        self._entries.append(ManifestEntry("document", None, None, None, (path,), len(data), (digest,)))
 
-    def finish(self) -> PackageResult:
-        """Add manifest.json, close the ZIP and complete the upload; the package is then visible in S3."""
+    def finish(self, manifest: Mapping[str, Any] | None = None) -> PackageResult:
+        """Add manifest.json, close the ZIP and complete the upload; the package is then visible in S3.
+
+        The default manifest lists the request, the time and every entry (`ManifestEntry.described()`); a package
+        with a format of its own (portability) passes its `manifest` document instead.
+        """
         self._check_open()
-        manifest = {
-            "request_id": self.request_id,
-            "generated_at": self.generated_at.astimezone(UTC).isoformat(),
-            "entries": [asdict(entry) for entry in self._entries],
-        }
+        if manifest is None:
+            manifest = {
+                "request_id": self.request_id,
+                "generated_at": self.generated_at.astimezone(UTC).isoformat(),
+                "entries": [entry.described() for entry in self._entries],
+            }
         # Written into the ZIP but not listed in the entries: the manifest describes the package's content.
-        data = json.dumps(manifest, indent=2, ensure_ascii=False).encode()
+        data = json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_value).encode()
         with self._guard("close package"):
             with self._open_entry(MANIFEST_PATH) as entry:
                 entry.write(data)
@@ -452,7 +530,7 @@ class PackageWriter:
 
     def _write_json_rows(
         self,
-        entry: IO[bytes],
+        entry: _Writable,
         columns: list[str],
         rows: Iterable[Sequence[Any]],
         csv_writer: Any,
@@ -601,7 +679,7 @@ def _abort_leftover_uploads(s3: S3Client, bucket: str, key: str, request_id: str
         _raise_export("abort leftover uploads of", request_id, error)
 
 
-def _copy(source: _Body | IO[bytes] | BinaryIO, target: IO[bytes]) -> int:
+def _copy(source: _Body | IO[bytes] | BinaryIO, target: _Writable) -> int:
     copied = 0
     while chunk := source.read(COPY_CHUNK):
         target.write(chunk)

@@ -57,7 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Connection, Engine
 
-from privacy_ops.datamap.model import Category, DataMap, RetentionAction
+from privacy_ops.datamap.model import Category, DataMap
 from privacy_ops.datamap.sql import reach_path, table_clause
 from privacy_ops.lifecycle import audit, notify
 from privacy_ops.lifecycle.schema import SCHEMA, notice_deliveries, notices
@@ -504,21 +504,6 @@ def _count_records(connection: Connection, datamap: DataMap, notice_id: str, sco
     return counts
 
 
-def deleted_column(datamap: DataMap) -> str | None:
-    """The subject table's deletion timestamp, as the map's retention rules know it (the rule erasing accounts a
-    period after `clock_column`). None: the map knows no deleted accounts, every account is active."""
-    if datamap.retention is None:
-        return None
-    for rule in datamap.retention.rules.values():
-        if (
-            rule.action == RetentionAction.erase_account
-            and rule.table == datamap.subject.table
-            and rule.clock_column is not None
-        ):
-            return rule.clock_column
-    return None
-
-
 def _select_into_deliveries(connection: Connection, notice_id: str, account_ids: Select[Any]) -> None:
     statement = (
         insert(notice_deliveries)
@@ -613,7 +598,7 @@ def _assess(
     account_id = accounts.c[subject.id_column]
     recipients = _recipients(params.notice_id).scalar_subquery()
     per_table = _count_records(connection, datamap, params.notice_id, scope)
-    deleted = deleted_column(datamap)
+    deleted = datamap.subject.deleted_column
     deleted_count = 0
     if deleted:
         deleted_count = connection.execute(
@@ -678,7 +663,7 @@ def select_policy_recipients(
         return notice.report
     subject = datamap.subject
     accounts = table_clause(datamap, subject.table)
-    deleted = deleted_column(datamap)
+    deleted = datamap.subject.deleted_column
     active = [accounts.c[subject.email_column].is_not(None)]
     if deleted:
         active.append(accounts.c[deleted].is_(None))
@@ -857,7 +842,7 @@ def _claim(
     subject = datamap.subject
     accounts = table_clause(datamap, subject.table)
     columns: list[ColumnElement[Any]] = [accounts.c[subject.id_column], accounts.c[subject.email_column]]
-    deleted = deleted_column(datamap) if notice.kind == POLICY else None
+    deleted = datamap.subject.deleted_column if notice.kind == POLICY else None
     if deleted:
         columns.append(accounts.c[deleted].is_not(None).label("deleted"))
     found = {

@@ -44,7 +44,7 @@ def check_erasure(services: Services, request_id: str, snapshot: SubjectSnapshot
     result = checks.erasure_checks(
         services.settings.database_url.get_secret_value(), services.datamap, subject, s3_frame, stripe_frame
     )
-    return _record_verdict(services, request_id, "erasure", result)
+    return record_verdict(services, request_id, "erasure", result)
 
 
 @step(retries=0)
@@ -65,7 +65,7 @@ def check_access_package(
     combined = checks.CheckResult(
         result.suite, result.success and not missing, result.expectations + 1, (*result.failures, *missing)
     )
-    return _record_verdict(services, request_id, "access_package", combined)
+    return record_verdict(services, request_id, "access_package", combined)
 
 
 def _manifest_of(services: Services, package: AccessPackage) -> pd.DataFrame:
@@ -102,7 +102,7 @@ def _account_id(value: Any) -> int:
         return -1
 
 
-def _record_verdict(services: Services, request_id: str, suite: str, result: checks.CheckResult) -> dict[str, Any]:
+def record_verdict(services: Services, request_id: str, suite: str, result: checks.CheckResult) -> dict[str, Any]:
     summary = result.summary()
     with services.engine.begin() as connection:
         request = requests.get_request(connection, request_id)

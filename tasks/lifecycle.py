@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from flows.parameters import SubjectIntake
+from privacy_ops import processing
 from privacy_ops.lifecycle import audit, notify, requests, verification
 from privacy_ops.lifecycle.requests import Request, Right, Status
 from privacy_ops.lifecycle.schema import notifications
@@ -123,6 +124,7 @@ def locate_subject(services: Services, request_id: str, email: Pii | None, accou
         )
         counts = postgres.count_records(connection, datamap, account_ids) if account_ids else {}
         customer_ids = stripe_customer_ids(connection, services, account_ids)
+        terms = _service_terms(connection, services, account_ids)
     s3_objects = sum(
         len(s3_store.list_versions(services.s3, bucket, prefix))
         for bucket, prefix in s3_prefixes(services, account_ids)
@@ -133,7 +135,7 @@ def locate_subject(services: Services, request_id: str, email: Pii | None, accou
     located = Located(account_ids, {t: n for t, n in counts.items() if n}, s3_objects, stripe_customers)
     with services.engine.begin() as connection:
         requests.set_accounts(connection, request_id, account_ids)
-        requests.merge_outcome(connection, request_id, {"locate": asdict(located)})
+        requests.merge_outcome(connection, request_id, {"locate": asdict(located), "service_terms": terms})
         _record(
             connection,
             request,
@@ -280,12 +282,65 @@ def notify_subject(services: Services, request_id: str, kind: str, to: Pii, cont
 
 @step()
 def finish_request(services: Services, request_id: str, status: Status, outcome: dict[str, Any]) -> None:
-    """Record the final status and outcome (counts per store, checks verdict, export key): never personal data."""
+    """Record the final status and outcome (counts per store, checks verdict, export key): never personal data.
+
+    A completed request also records the non-discrimination check (CCPA): the service terms found at locate,
+    compared with those now.
+    """
     with services.engine.begin() as connection:
         request = requests.get_request(connection, request_id)
+        if status == Status.completed and "service_terms" in request.outcome:
+            outcome = {**outcome, "non_discrimination": _non_discrimination(connection, services, request)}
         requests.merge_outcome(connection, request_id, outcome)
         requests.set_status(connection, request_id, status, now=services.now())
         _record(connection, request, "complete", status.value, outcome)
+
+
+def _service_terms(
+    connection: Connection, services: Services, account_ids: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Per account: the map's service-terms columns (plan) and what its Stripe customer pays."""
+    terms = processing.service_terms(connection, services.datamap, account_ids)
+    for account in terms:
+        customers = stripe_customer_ids(connection, services, [int(account)])
+        terms[account]["price"] = sorted(
+            p for c in customers for p in stripe_store.subscription_prices(services.stripe, c)
+        )
+    return terms
+
+
+def _non_discrimination(connection: Connection, services: Services, request: Request) -> dict[str, Any]:
+    """Exercising a right must change nothing about plan, price or service level: before/after, per account still
+    there (an erased account has no terms left to compare)."""
+    before: dict[str, dict[str, Any]] = request.outcome["service_terms"]
+    now = _service_terms(connection, services, [int(a) for a in before])
+    changed = sorted(
+        {
+            field
+            for account, terms in now.items()
+            for field, value in terms.items()
+            if before[account].get(field) != value
+        }
+    )
+    verdict = "not_applicable" if not now else "unchanged" if not changed else "changed"
+    return {"verdict": verdict, "accounts_checked": len(now), "changed_terms": changed}
+
+
+@step()
+def link_duplicate(services: Services, request_id: str) -> str | None:
+    """A second request of the same right for the same account while one is open is linked to it, not acted on:
+    returns the open request's id (and closes this one as duplicate), or None."""
+    with services.engine.begin() as connection:
+        request = requests.get_request(connection, request_id)
+        if request.status == Status.duplicate:
+            return str(request.outcome["duplicate_of"])
+        open_id = requests.open_duplicate_of(connection, request)
+        if open_id is None:
+            return None
+        requests.merge_outcome(connection, request_id, {"duplicate_of": open_id})
+        requests.set_status(connection, request_id, Status.duplicate, now=services.now())
+        _record(connection, request, "intake", "duplicate", {"duplicate_of": open_id})
+    return open_id
 
 
 def load_request(services: Services, request_id: str) -> Request:

@@ -31,6 +31,20 @@ def test_every_deployment_loads_with_a_validating_form() -> None:
             intake = definitions["SubjectIntake"]["properties"]
             assert intake["email"]["anyOf"][0]["pattern"], "the UI must reject a malformed email"
             assert set(intake) == {"email", "account_id", "regulation", "requested_by"}
+            if "objection" in deployment.tags:
+                assert definitions["Objection"]["properties"]["purposes"]["minItems"] == 1
+        elif "notice" in deployment.tags:
+            model = "BreachNotice" if "breach" in deployment.tags else "PolicyNotice"
+            assert {"batch_size", "rate_per_second"} <= set(definitions[model]["properties"])
+            with pytest.raises(ParameterTypeError):
+                flow.validate_parameters({"params": {}})
+        elif "lift-restriction" in deployment.tags:
+            form = definitions["LiftRestriction"]["properties"]
+            assert form["restriction_request_id"]["pattern"] and form["reason"]["minLength"] == 10
+            with pytest.raises(ParameterTypeError):
+                flow.validate_parameters(
+                    {"lifting": {"restriction_request_id": "x", "reason": "r", "lifted_by": "o"}}
+                )
         elif "retention" in deployment.tags:
             assert deployment.cron is not None, "retention runs on a schedule"
             assert {"dry_run", "as_of"} <= set(definitions["RetentionRun"]["properties"])

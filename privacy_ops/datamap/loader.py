@@ -488,9 +488,79 @@ def load_datamap(path: Path) -> DataMap:
         problems.extend(_semantic_problems(_Parts.salvage(source.data), source))
         raise DataMapError(problems) from None
     problems.extend(_semantic_problems(_Parts.of(datamap), source))
+    problems.extend(_rights_problems(datamap, source))
     if problems:
         raise DataMapError(problems)
     return datamap
+
+
+def _rights_problems(datamap: DataMap, source: _Source) -> list[Problem]:
+    """Every table and column the rights sections (rectification, processing, service terms) name is mapped."""
+    problems: list[Problem] = []
+    tables = datamap.postgres.tables
+
+    def column_ref(reference: str, path: YamlPath) -> None:
+        table_name, column = reference.split(".")
+        table = tables.get(table_name)
+        if table is None:
+            problems.append(
+                source.problem(path, f"'{table_name}' is not a table of the data map (postgres.tables)")
+            )
+        elif column not in known_columns(table):
+            problems.append(source.problem(path, f"'{column}' is not a column of {table_name} in the data map"))
+
+    subject = tables.get(datamap.subject.table)
+    if datamap.subject.deleted_column is not None:
+        column_ref(f"{datamap.subject.table}.{datamap.subject.deleted_column}", ("subject", "deleted_column"))
+    for index, column in enumerate(datamap.subject.service_terms_columns):
+        column_ref(f"{datamap.subject.table}.{column}", ("subject", "service_terms_columns", index))
+    for name, table in tables.items():
+        if table.collected_at is not None and table.collected_at not in known_columns(table):
+            problems.append(
+                source.problem(
+                    (*_table_path(name), "collected_at"), f"'{table.collected_at}' is not a column of {name}"
+                )
+            )
+    if datamap.rectification is not None:
+        for field_name, spec in datamap.rectification.fields.items():
+            for index, reference in enumerate(spec.columns):
+                column_ref(reference, ("rectification", "fields", field_name, "columns", index))
+            if field_name in datamap.rectification.refused:
+                problems.append(
+                    source.problem(
+                        ("rectification", "refused", field_name), "a field is either fixable or refused"
+                    )
+                )
+    if datamap.processing is not None:
+        processing = datamap.processing
+        if subject is not None and processing.restriction_column not in known_columns(subject):
+            problems.append(
+                source.problem(
+                    ("processing", "restriction_column"),
+                    f"'{processing.restriction_column}' is not a column of {datamap.subject.table}",
+                )
+            )
+        if processing.objections_table not in tables:
+            problems.append(
+                source.problem(
+                    ("processing", "objections_table"), f"'{processing.objections_table}' is not mapped"
+                )
+            )
+        for purpose_name, purpose in processing.purposes.items():
+            path: YamlPath = ("processing", "purposes", purpose_name)
+            for key, names in (("collected", purpose.collected), ("outputs", purpose.outputs)):
+                for index, table_name in enumerate(names):
+                    if table_name not in tables:
+                        problems.append(
+                            source.problem((*path, key, index), f"'{table_name}' is not a table of the data map")
+                        )
+            for index, reference in enumerate(purpose.switches):
+                column_ref(reference, (*path, "switches", index))
+            if purpose.consent is not None and purpose.consent.table not in tables:
+                problems.append(
+                    source.problem((*path, "consent", "table"), f"'{purpose.consent.table}' is not mapped")
+                )
+    return problems
 
 
 def _check_table(

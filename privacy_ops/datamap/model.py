@@ -101,6 +101,8 @@ class Table(Strict):
     reaches: list[Reach]
     columns: dict[str, Column] = {}
     retention: Retention | None = None  # required when a reach retains
+    portable: bool = False  # data the person provided: in the portability package (GDPR art. 20)
+    collected_at: str | None = None  # when a row was collected: the CCPA right to know covers the last 12 months
 
     @model_validator(mode="after")
     def _retention_given(self) -> Table:
@@ -112,12 +114,70 @@ class Table(Strict):
         return self
 
 
+class ConsentCondition(Strict):
+    """Rows of accounts that have no granted consent of `category` in `table` (e.g. the analytics cookie)."""
+
+    table: str
+    category_column: str = "category"
+    category: str
+    granted_column: str = "granted"
+
+
 class Subject(Strict):
     """The table of accounts: where an identity (email or account id) is resolved."""
 
     table: str
     id_column: str
     email_column: str  # verification codes go to this address on file, never to a typed one
+    deleted_column: str | None = None  # set when the account was deleted: not active (policy notices skip it)
+    # Compared before and after every request: exercising a right must not change them (CCPA non-discrimination).
+    service_terms_columns: list[str] = []
+
+
+ColumnRef = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")]  # "table.column"
+
+
+class RectifiableField(Strict):
+    """A value a person may have corrected (GDPR art. 16), and every mapped place a copy of it lives.
+
+    The first column is the value of record; the others are copies, corrected where they hold the same old
+    value (a billing name that differs from the account name is a different value, not a copy).
+    """
+
+    columns: Annotated[list[ColumnRef], Field(min_length=1)]
+    stripe_field: str | None = None  # the Stripe customer's field, dotted for nested ones (address.city)
+    max_length: Annotated[int, Field(gt=0, le=10_000)] = 200
+
+
+class Rectification(Strict):
+    fields: dict[str, RectifiableField]
+    refused: dict[str, str] = {}  # field -> why it is not corrected (told to the person)
+
+
+class Purpose(Strict):
+    """A purpose of processing a person can object to (GDPR art. 21; the CCPA opt-out is `sale_or_sharing`)."""
+
+    description: str
+    collected: list[str] = []  # tables collected for this purpose only: the account's rows deleted on objection
+    outputs: list[str] = []  # tables computed for this purpose: the account leaves them on restriction/objection
+    switches: list[ColumnRef] = []  # booleans that allow this processing: turned off on objection
+    consent: ConsentCondition | None = None  # the cookie consent withdrawn on objection
+    restrictable: bool = True  # stops while processing is restricted (GDPR art. 18)
+
+
+class Processing(Strict):
+    restriction_column: str  # on the subject table: set while processing is restricted
+    objections_table: str  # account_id, purpose, source, objected_at; unique (account_id, purpose)
+    purposes: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")], Purpose]
+
+
+class Disclosure(Strict):
+    """What the CCPA right to know discloses about a category (privacy policy sections 1, 2 and 5)."""
+
+    description: str
+    sources: list[str]
+    purposes: list[str]
+    shared_with: list[str] = []
 
 
 class S3Location(Strict):
@@ -168,15 +228,6 @@ class AgeLimit(Strict):
 
     column: str
     years: Annotated[int, Field(gt=0, le=100)]
-
-
-class ConsentCondition(Strict):
-    """Rows of accounts that have no granted consent of `category` in `table` (e.g. the analytics cookie)."""
-
-    table: str
-    category_column: str = "category"
-    category: str
-    granted_column: str = "granted"
 
 
 # Account-level actions select accounts (rows of the subject table); the others select rows of `table`.
@@ -255,6 +306,9 @@ class DataMap(Strict):
     s3: dict[str, S3Location] = {}
     stripe: StripeCustomer | None = None
     retention: RetentionPolicy | None = None
+    rectification: Rectification | None = None
+    processing: Processing | None = None
+    disclosures: dict[Category, Disclosure] = {}
 
     def table(self, name: str) -> Table:
         return self.postgres.tables[name]

@@ -101,6 +101,7 @@ RIGHT_LABELS: dict[str, str] = {
     "restriction": "restricting how we use your personal data",
     "objection": "stopping the use of your personal data",
     "opt_out": "opting out of the sale or sharing of your personal data",
+    "know": "the categories and specific pieces of personal information we collected about you",
 }
 
 
@@ -124,6 +125,23 @@ KINDS: dict[str, _Kind] = {
     ),
     "denial": _Kind("We could not carry out your privacy request {request_id}", frozenset({"right", "reason"})),
     "no_data_held": _Kind("Your privacy request {request_id}: we hold no data about you", frozenset({"right"})),
+    "duplicate": _Kind(
+        "Your privacy request {request_id} is already being handled", frozenset({"right", "open_request_id"})
+    ),
+    # Told before the restriction is lifted (GDPR art. 18(3)).
+    "restriction_lifting": _Kind(
+        "We are lifting the restriction of your personal data ({request_id})", frozenset({"right", "reason"})
+    ),
+    # Rectification: a code to a new email address confirms it is the person's (no code in the subject) ...
+    "new_email_code": _Kind(
+        "Confirm your new email address for privacy request {request_id}",
+        frozenset({"right", "code", "expires_at"}),
+    ),
+    # ... and the old address is told it was replaced (without the new one: the old mailbox may be someone else's).
+    "email_changed": _Kind(
+        "The email address of your CellCMS account was changed (privacy request {request_id})",
+        frozenset({"right"}),
+    ),
 }
 
 

@@ -12,15 +12,21 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from privacy_ops.lifecycle.schema import requests
 
 
 class Right(StrEnum):
-    access = "access"
-    erasure = "erasure"
+    access = "access"  # GDPR art. 15
+    erasure = "erasure"  # GDPR art. 17, CCPA right to delete
+    rectification = "rectification"  # GDPR art. 16
+    restriction = "restriction"  # GDPR art. 18
+    objection = "objection"  # GDPR art. 21
+    portability = "portability"  # GDPR art. 20
+    know = "know"  # CCPA right to know
+    opt_out = "opt_out"  # CCPA opt-out of sale/sharing
 
 
 class Regulation(StrEnum):
@@ -35,10 +41,11 @@ class Status(StrEnum):
     completed = "completed"
     no_data_held = "no_data_held"
     denied = "denied"
+    duplicate = "duplicate"  # the same person and right while another request is open: linked to it, not done
     failed = "failed"
 
 
-FINAL = frozenset({Status.completed, Status.no_data_held, Status.denied})
+FINAL = frozenset({Status.completed, Status.no_data_held, Status.denied, Status.duplicate})
 
 # Statutory deadlines: GDPR art. 12(3) one month, CCPA §1798.130 45 days. (The policy promises an answer within
 # 30 days; the deadline watchdog warns 7 days ahead, so CCPA answers normally go out well inside that.)
@@ -110,6 +117,27 @@ def open_request(
         .returning(requests)
     ).one()
     return _request(row._mapping), True
+
+
+def open_duplicate_of(connection: Connection, request: Request) -> str | None:
+    """The id of an earlier open request (not final) of the same right for any of the request's accounts."""
+    if not request.account_ids:
+        return None
+    shared = text(
+        "EXISTS (SELECT 1 FROM jsonb_array_elements(requests.account_ids) a WHERE a::bigint = ANY(:ids))"
+    )
+    return connection.execute(
+        select(requests.c.id)
+        .where(
+            requests.c.right == request.right.value,
+            requests.c.id != request.id,
+            requests.c.received_at <= request.received_at,
+            requests.c.status.not_in([s.value for s in FINAL]),
+            shared.bindparams(ids=list(request.account_ids)),
+        )
+        .order_by(requests.c.received_at)
+        .limit(1)
+    ).scalar_one_or_none()
 
 
 def get_request(connection: Connection, request_id: str) -> Request:

@@ -16,7 +16,7 @@ Errors surface as `StoreError` naming the operation and the Stripe id, never the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import pandas as pd
 import stripe
 
+from privacy_ops.pii import Pii
 from privacy_ops.stores.errors import StoreError
 
 if TYPE_CHECKING:
@@ -66,6 +67,28 @@ def idempotency_key(request_id: str, object_id: str, operation: str) -> str:
     if len(key) > _IDEMPOTENCY_KEY_MAX:
         key = "privacy-ops:" + hashlib.sha256(key.encode()).hexdigest()
     return key
+
+
+def subscription_prices(client: stripe.StripeClient, customer_id: str) -> list[str]:
+    """What a customer pays, e.g. ["1900 eur/month"], one entry per item of each active subscription (for the
+    non-discrimination check: a request must not change it). A deleted or unknown customer pays nothing."""
+
+    def fetch() -> list[dict[str, Any]]:
+        pages = client.v1.subscriptions.list({"customer": customer_id, "limit": 100})
+        return [subscription.to_dict() for subscription in pages.auto_paging_iter()]
+
+    try:
+        subscriptions = fetch()
+    except stripe.StripeError as error:
+        if _is_missing(error):
+            return []
+        _raise("list subscriptions of", customer_id, error)
+    return sorted(
+        f"{item['plan']['amount']} {item['plan']['currency']}/{item['plan']['interval']}"
+        for subscription in subscriptions
+        if subscription.get("status") in ("active", "trialing", "past_due")
+        for item in subscription["items"]["data"]
+    )
 
 
 def customer_summary(client: stripe.StripeClient, customer_id: str) -> dict[str, Any] | None:
@@ -278,3 +301,84 @@ def _iso(epoch: Any) -> str | None:
     if epoch in (None, ""):
         return None
     return datetime.fromtimestamp(int(epoch), UTC).isoformat()
+
+
+# ------------------------------------------------------------------------------------------------ rectification
+
+_ADDRESS_PARTS = ("line1", "line2", "city", "postal_code", "state", "country")
+# The customer fields a correction may reach (dotted for the address): Stripe and localstripe both accept them.
+CUSTOMER_FIELDS = frozenset({"name", "email", "phone", *(f"address.{part}" for part in _ADDRESS_PARTS)})
+
+
+@dataclass(frozen=True, slots=True)
+class CopyCorrection:
+    """One customer field to correct where it is a copy of the corrected value (values are Pii: masked)."""
+
+    field: str  # one of CUSTOMER_FIELDS
+    new: Pii
+    old: tuple[Pii, ...]  # the values it replaces; a field holding anything else is a different value and stays
+    caseless: bool = False  # emails compare case-insensitively
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerCorrection:
+    """What correcting one customer did, by field name; a rerun after success reports only `already`."""
+
+    corrected: tuple[str, ...]  # set to the new value by this call
+    already: tuple[str, ...]  # held the new value already
+    left: tuple[str, ...]  # held a different value: not a copy of the corrected one, left alone
+    missing: bool  # the customer does not exist (any more)
+
+
+def correct_customer(
+    client: stripe.StripeClient, customer_id: str, corrections: Sequence[CopyCorrection], request_id: str
+) -> CustomerCorrection:
+    """Set each field that holds one of its old values to its new value, in one modify call with an idempotency
+    key; a rerun finds the fields set and calls nothing (resending the key with other parameters would be an
+    IdempotencyError at Stripe). The address is sent whole: localstripe replaces it, Stripe merges it."""
+    for correction in corrections:
+        if correction.field not in CUSTOMER_FIELDS:
+            raise ValueError(f"stripe: customers have no field {correction.field}")
+    customer = _retrieve_customer(client, customer_id)
+    if customer is None:
+        return CustomerCorrection((), (), (), missing=True)
+    address: dict[str, Any] = _compact(customer.get("address")) or {}
+    params: dict[str, Any] = {}
+    corrected: list[str] = []
+    already: list[str] = []
+    left: list[str] = []
+    for correction in corrections:
+        top, _, part = correction.field.partition(".")
+        current = address.get(part) if part else _blank_to_none(customer.get(top))
+        new = correction.new.reveal()
+        if current == new:
+            already.append(correction.field)
+        elif current is None:
+            continue  # nothing there: not a copy
+        elif any(_same_value(current, old.reveal(), correction.caseless) for old in correction.old):
+            if part:
+                address[part] = new
+                params["address"] = address
+            else:
+                params[top] = new
+            corrected.append(correction.field)
+        else:
+            left.append(correction.field)
+    if params:
+        try:
+            client.v1.customers.update(
+                customer_id,
+                params,  # type: ignore[arg-type]  # built dynamically; keys are CustomerUpdateParams fields
+                {"idempotency_key": idempotency_key(request_id, customer_id, "rectify")},
+            )
+        except stripe.StripeError as error:
+            if _is_missing(error):
+                return CustomerCorrection((), tuple(already), tuple(left), missing=True)
+            _raise("correct customer", customer_id, error)
+    return CustomerCorrection(tuple(corrected), tuple(already), tuple(left), missing=False)
+
+
+def _same_value(current: Any, old: str, caseless: bool) -> bool:
+    if not isinstance(current, str):
+        return False
+    return current.strip().lower() == old.strip().lower() if caseless else current == old
