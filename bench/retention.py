@@ -374,6 +374,9 @@ HAND_WRITTEN_SQL: list[tuple[str, str]] = [
             "error_logs",
             "cookie_consents",
             "preferences",
+            "processing_objections",
+            "analytics_profiles",
+            "marketing_audience_members",
             "billing_profiles",
         )
     ],
