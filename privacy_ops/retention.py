@@ -81,7 +81,14 @@ from privacy_ops.datamap.model import (
 )
 from privacy_ops.datamap.sql import account_ids_param, reach_select, table_clause
 from privacy_ops.lifecycle import audit
-from privacy_ops.lifecycle.schema import audit_log, legal_holds, requests, retained_records, verifications
+from privacy_ops.lifecycle.schema import (
+    audit_log,
+    legal_holds,
+    requests,
+    retained_records,
+    subject_snapshots,
+    verifications,
+)
 from privacy_ops.stores import postgres, stripe_store
 from privacy_ops.stores import s3 as s3_store
 
@@ -846,13 +853,22 @@ def _expire_requests_batch(ctx: Context, connection: Connection, cursor: Any) ->
             ),
         )
     ).rowcount
+    # What an erasure or rectification kept for the request (encrypted) is no longer needed. A deployed run whose
+    # code expired was failed by Prefect while suspended, so no step of its own got to delete it.
+    forgotten = connection.execute(
+        delete(subject_snapshots).where(subject_snapshots.c.request_id.in_(ids))
+    ).rowcount
     return (
         False,
         (ids[-1],),
         {
             "selected": denied,
-            "stores": {"postgres": 2 * denied},
-            "tables": {"privacy_ops.requests": denied, "privacy_ops.verifications": denied},
+            "stores": {"postgres": 2 * denied + forgotten},
+            "tables": {
+                "privacy_ops.requests": denied,
+                "privacy_ops.verifications": denied,
+                "privacy_ops.subject_snapshots": forgotten,
+            },
             "requests": ids,
         },
     )

@@ -52,6 +52,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests last (pytest groups them early by their parametrized session fixtures): Playwright's sync API
+    leaves an event loop running in the main thread for the rest of the session, and Prefect's sync-compatible
+    calls made there afterwards (resume_flow_run, ...) would return coroutines that never run."""
+    items.sort(key=lambda item: "browser_name" in getattr(item, "fixturenames", ()))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _KEPT.exists():
         terminalreporter.write_line(f"local stack logs and mail of this failed run: {_KEPT}")

@@ -422,8 +422,21 @@ def test_exports_and_unverified_requests(cellcms: Settings, engine: Engine, s3: 
             ),
             {"e": now - timedelta(days=2)},
         )
+        # What an erasure keeps while it waits for the code (encrypted); its run died suspended.
+        connection.execute(
+            text(
+                "INSERT INTO privacy_ops.subject_snapshots (request_id, payload, created_at) "
+                "VALUES ('req_retention02', '\\x00', :r)"
+            ),
+            {"r": now - timedelta(days=3)},
+        )
     report = retention.apply_rule(_ctx(cellcms, "requests", TODAY), "expired_unverified_requests")
     assert report.selected == 1
+    assert report.tables["privacy_ops.subject_snapshots"] == 1
+    assert (
+        _scalar(engine, "SELECT count(*) FROM privacy_ops.subject_snapshots WHERE request_id = 'req_retention02'")
+        == 0
+    )
     assert _scalar(engine, "SELECT status FROM privacy_ops.requests WHERE id = 'req_retention02'") == "denied"
     assert _scalar(
         engine, "SELECT status FROM privacy_ops.verifications WHERE request_id = 'req_retention02'"
