@@ -23,7 +23,6 @@ The new address's code is a second verification of the same request, stored in `
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -462,28 +461,7 @@ def awaiting_new_email_code(engine: Engine, request_id: str) -> bool:
 
 
 def submit_new_email_code(engine: Engine, request_id: str, code: str, timeout: float = 120) -> Verification:
-    """Resume the run waiting for the new address's code with `code`, then report the state it reached (what
-    `privacy_ops.runner.submit_code` does for the identity code)."""
-    from uuid import UUID
+    """Resume the run waiting for the new address's code with `code`, then report the state it reached."""
+    from privacy_ops.runner import submit_code
 
-    from prefect.flow_runs import resume_flow_run
-
-    from privacy_ops.lifecycle import requests, verification
-    from privacy_ops.runner import RunnerError, wait_until_awaiting_code
-
-    key = new_email_verification_id(request_id)
-    with engine.connect() as connection:
-        request = requests.get_request(connection, request_id)
-        before = verification.get_verification(connection, key)
-    if request.flow_run_id is None or before is None:
-        raise RunnerError(f"request {request_id} is not waiting for the code sent to a new email address")
-    wait_until_awaiting_code(engine, request_id, timeout)
-    resume_flow_run(UUID(request.flow_run_id), run_input={"code": code})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine.connect() as connection:
-            after = verification.get_verification(connection, key)
-        if after is not None and (after.attempts != before.attempts or after.status != before.status):
-            return after
-        time.sleep(0.5)
-    raise RunnerError(f"request {request_id}: the flow did not check the code within {timeout:.0f} s")
+    return submit_code(engine, request_id, code, timeout, verification_id=new_email_verification_id(request_id))

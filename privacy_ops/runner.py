@@ -103,13 +103,17 @@ def wait_until_awaiting_code(engine: Engine, request_id: str, timeout: float = 1
     raise RunnerError(f"request {request_id} is not waiting for a verification code")
 
 
-def submit_code(engine: Engine, request_id: str, code: str, timeout: float = 120) -> verification.Verification:
-    """Resume the waiting flow run with the code, then report the verification state it reached."""
+def submit_code(
+    engine: Engine, request_id: str, code: str, timeout: float = 120, *, verification_id: str | None = None
+) -> verification.Verification:
+    """Resume the waiting flow run with the code, then report the verification state it reached. The code is for
+    the request's identity check unless `verification_id` names another (a rectification's new address)."""
     from prefect.flow_runs import resume_flow_run
 
+    key = verification_id or request_id
     with engine.connect() as connection:
         request = request_records.get_request(connection, request_id)
-        before = verification.get_verification(connection, request_id)
+        before = verification.get_verification(connection, key)
     if request.flow_run_id is None or before is None:
         raise RunnerError(f"request {request_id} is not waiting for a verification code")
     wait_until_awaiting_code(engine, request_id, timeout)
@@ -117,7 +121,7 @@ def submit_code(engine: Engine, request_id: str, code: str, timeout: float = 120
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.connect() as connection:
-            after = verification.get_verification(connection, request_id)
+            after = verification.get_verification(connection, key)
         if after is not None and (after.attempts != before.attempts or after.status != before.status):
             return after
         time.sleep(0.5)
